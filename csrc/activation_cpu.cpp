@@ -1,0 +1,28 @@
+// SiLU-and-mul on the CPU: out[r, i] = silu(gate) * up with gate = x[r, i], up = x[r, inter + i],
+// silu(g) = g / (1 + exp(-g)), computed in fp32 and rounded once.
+#include <cmath>
+
+#include "common.h"
+
+namespace mistral_ext {
+
+void silu_and_mul_cpu(const SiluAndMulParams& p) {
+  require(p.rows >= 0 && p.inter > 0, "silu_and_mul: sizes must be positive");
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* input = static_cast<const T*>(p.input);
+    T* out = static_cast<T*>(p.out);
+#pragma omp parallel for if (worth_threading(p.rows * p.inter))
+    for (int64_t r = 0; r < p.rows; ++r) {
+      const T* gate = input + r * 2 * p.inter;
+      const T* up = gate + p.inter;
+      T* o = out + r * p.inter;
+      for (int64_t i = 0; i < p.inter; ++i) {
+        const float g = to_float(gate[i]);
+        o[i] = from_float<T>(g / (1.f + std::exp(-g)) * to_float(up[i]));
+      }
+    }
+  });
+}
+
+}  // namespace mistral_ext

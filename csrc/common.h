@@ -1,0 +1,67 @@
+// Internal helpers shared by the CPU kernels: storage types, fp32 conversion, dtype dispatch,
+// argument checks and the thread pool policy.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "mistral_ext/kernels.h"
+
+namespace mistral_ext {
+
+// 16-bit storage types for the CPU path; arithmetic always happens in fp32.
+struct BFloat16 {
+  uint16_t bits;
+};
+struct Float16 {
+  uint16_t bits;
+};
+
+inline float to_float(float x) { return x; }
+inline float to_float(BFloat16 x) {
+  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+float half_bits_to_float(uint16_t bits);
+uint16_t float_to_half_bits(float f);
+inline float to_float(Float16 x) { return half_bits_to_float(x.bits); }
+
+template <typename T>
+inline T from_float(float f);
+template <>
+inline float from_float<float>(float f) { return f; }
+template <>
+inline BFloat16 from_float<BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<uint16_t>((u >> 16) | 0x40)};  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return BFloat16{static_cast<uint16_t>(u >> 16)};
+}
+template <>
+inline Float16 from_float<Float16>(float f) { return Float16{float_to_half_bits(f)}; }
+
+// Calls fn with a value of the storage type matching `dtype` (used only for its type).
+template <typename Fn>
+inline void dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: fn(float{}); return;
+    case DType::kFloat16: fn(Float16{}); return;
+    case DType::kBFloat16: fn(BFloat16{}); return;
+  }
+  throw std::invalid_argument("mistral_ext: unknown dtype tag " + std::to_string(static_cast<int>(dtype)));
+}
+
+inline void require(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument("mistral_ext: " + message);
+}
+
+// Parallelise a loop over `n` independent items only when there is enough work to pay for
+// waking the OpenMP team (`work` ~ scalar operations in the whole loop).
+inline bool worth_threading(int64_t work) { return work >= (int64_t{1} << 15); }
+
+}  // namespace mistral_ext

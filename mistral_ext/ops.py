@@ -1,0 +1,82 @@
+"""Typed wrappers over torch.ops.mistral_ext.* with their fake (meta) implementations.
+
+Layouts follow csrc/include/mistral_ext/kernels.h: tokens are [batch, tokens, heads, head_dim]
+(heads and head_dim contiguous, tokens may be column slices of a fused projection), positions
+are int64 [batch, tokens] with negative values for padding, and each layer's KV cache is a
+pair of ring buffers [batch, capacity, kv_heads, head_dim] where position p lives in slot
+p % capacity.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from . import _library  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.mistral_ext
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2, -1) + eps) * weight, fp32 accumulation."""
+    return _ops.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual) * weight, x + residual)."""
+    return _ops.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding_(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
+                      theta: float) -> None:
+    """Rotates query [B, T, H, D] and key [B, T, Hkv, D] in place (rotate-half layout)."""
+    _ops.rotary_embedding_(query, key, positions, theta)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :I]) * x[..., I:] for x = [gate | up] of width 2I."""
+    return _ops.silu_and_mul(x)
+
+
+def kv_cache_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, positions: torch.Tensor) -> None:
+    """Scatters key/value [B, T, Hkv, D] into the ring buffers at slot position % capacity."""
+    _ops.kv_cache_write_(k_cache, v_cache, key, value, positions)
+
+
+@torch.library.register_fake("mistral_ext::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("mistral_ext::fused_add_rms_norm")
+def _fused_add_rms_norm_fake(x, residual, weight, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("mistral_ext::rotary_embedding_")
+def _rotary_embedding_fake(query, key, positions, theta):
+    return None
+
+
+@torch.library.register_fake("mistral_ext::silu_and_mul")
+def _silu_and_mul_fake(x):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.register_fake("mistral_ext::kv_cache_write_")
+def _kv_cache_write_fake(k_cache, v_cache, key, value, positions):
+    return None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor],
+              positions: torch.Tensor, cache_lens: Optional[torch.Tensor],
+              window: Optional[int], scale: float) -> torch.Tensor:
+    """Sliding-window GQA attention of new tokens over the cache (as before this call) + themselves.
+
+    q [B, T, H, D], k/v [B, T, Hkv, D], k_cache/v_cache [B, C, Hkv, D] ring buffers (or None),
+    positions int64 [B, T] (negative = padding), cache_lens int32 [B]: positions already in the
+    cache (it holds [max(0, L - C), L)). window None or <= 0: plain causal. Returns [B, T, H, D].
+    """
+    return _ops.attention(q, k, v, k_cache, v_cache, positions, cache_lens, window or 0, scale)

@@ -1,0 +1,70 @@
+// The op implementations, written once over a Backend that launches the params struct on its
+// device (CpuBackend in ops.cpp, CudaBackend in ops_cuda.cpp). Backend provides
+//   struct Guard { explicit Guard(const at::Tensor&); };   // device guard for the call
+//   static void launch(const XxxParams&);                  // one overload per op
+#pragma once
+
+#include <tuple>
+
+#include "op_params.h"
+
+namespace mistral_ext::binding {
+
+template <typename Backend>
+at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps) {
+  typename Backend::Guard guard(input);
+  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  const RmsNormParams p = make_rms_norm_params(input, weight, eps, out);
+  if (p.rows > 0) Backend::launch(p);
+  return out;
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& input, const at::Tensor& residual,
+                                                      const at::Tensor& weight, double eps) {
+  typename Backend::Guard guard(input);
+  at::Tensor out = at::empty_like(input, at::MemoryFormat::Contiguous);
+  at::Tensor residual_out = at::empty_like(input, at::MemoryFormat::Contiguous);
+  const FusedAddRmsNormParams p = make_fused_add_rms_norm_params(input, residual, weight, eps, out, residual_out);
+  if (p.rows > 0) Backend::launch(p);
+  return {out, residual_out};
+}
+
+template <typename Backend>
+void rotary_embedding_(at::Tensor& query, at::Tensor& key, const at::Tensor& positions, double theta) {
+  typename Backend::Guard guard(query);
+  const RotaryParams p = make_rotary_params(query, key, positions, theta);
+  if (p.tokens > 0) Backend::launch(p);
+}
+
+template <typename Backend>
+at::Tensor silu_and_mul(const at::Tensor& input) {
+  typename Backend::Guard guard(input);
+  TORCH_CHECK_VALUE(input.dim() >= 1, "input must have at least 1 dimension");
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() /= 2;
+  at::Tensor out = at::empty(out_shape, input.options());
+  const SiluAndMulParams p = make_silu_and_mul_params(input, out);
+  if (p.rows > 0) Backend::launch(p);
+  return out;
+}
+
+template <typename Backend>
+void kv_cache_write_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& key, const at::Tensor& value,
+                     const at::Tensor& positions) {
+  typename Backend::Guard guard(k_cache);
+  const KvCacheWriteParams p = make_kv_cache_write_params(k_cache, v_cache, key, value, positions);
+  if (p.batch > 0 && p.tokens > 0) Backend::launch(p);
+}
+
+// Registers every op's implementation for one dispatch key.
+template <typename Backend>
+void register_impls(torch::Library& m) {
+  m.impl("rms_norm", &rms_norm<Backend>);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm<Backend>);
+  m.impl("rotary_embedding_", &rotary_embedding_<Backend>);
+  m.impl("silu_and_mul", &silu_and_mul<Backend>);
+  m.impl("kv_cache_write_", &kv_cache_write_<Backend>);
+}
+
+}  // namespace mistral_ext::binding

@@ -1,0 +1,151 @@
+// Checks and params for the elementwise / normalisation / cache ops (see op_params.h).
+#include "op_params.h"
+
+namespace mistral_ext::binding {
+
+namespace {
+
+// Rows of a [..., hidden] tensor with a unit inner stride and one uniform row stride.
+int64_t row_stride_of(const at::Tensor& t) {
+  if (t.is_contiguous()) return t.size(-1);
+  if (t.dim() == 2 && t.stride(1) == 1) return t.stride(0);
+  return -1;
+}
+
+void check_weight(const at::Tensor& weight, const at::Tensor& input, int64_t hidden) {
+  check_same_device(weight, input, "weight", "input");
+  check_same_dtype(weight, input, "weight", "input");
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == hidden, "weight must have shape [", hidden,
+                    "] to match input's last dimension, got ", weight.sizes());
+  check_contiguous(weight, "weight");
+}
+
+}  // namespace
+
+RmsNormParams make_rms_norm_params(const at::Tensor& input, const at::Tensor& weight, double eps, at::Tensor& out) {
+  TORCH_CHECK_VALUE(input.dim() >= 1, "input must have at least 1 dimension");
+  const int64_t hidden = input.size(-1);
+  TORCH_CHECK_VALUE(hidden > 0, "input's last dimension (hidden size) must be > 0");
+  RmsNormParams p{};
+  p.dtype = dtype_tag(input, "input");
+  check_weight(weight, input, hidden);
+  TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
+  p.input_row_stride = row_stride_of(input);
+  TORCH_CHECK_VALUE(p.input_row_stride >= 0, "input must be contiguous or a 2-D tensor with unit column stride");
+  p.rows = input.numel() / hidden;
+  p.hidden = hidden;
+  p.input = input.data_ptr();
+  p.weight = weight.data_ptr();
+  p.out = out.data_ptr();
+  p.eps = static_cast<float>(eps);
+  return p;
+}
+
+FusedAddRmsNormParams make_fused_add_rms_norm_params(const at::Tensor& input, const at::Tensor& residual,
+                                                     const at::Tensor& weight, double eps, at::Tensor& out,
+                                                     at::Tensor& residual_out) {
+  TORCH_CHECK_VALUE(input.dim() >= 1, "input must have at least 1 dimension");
+  const int64_t hidden = input.size(-1);
+  TORCH_CHECK_VALUE(hidden > 0, "input's last dimension (hidden size) must be > 0");
+  FusedAddRmsNormParams p{};
+  p.dtype = dtype_tag(input, "input");
+  check_same_device(residual, input, "residual", "input");
+  check_same_dtype(residual, input, "residual", "input");
+  TORCH_CHECK_VALUE(residual.sizes() == input.sizes(), "residual must have the shape of input ", input.sizes(),
+                    ", got ", residual.sizes());
+  check_contiguous(input, "input");
+  check_contiguous(residual, "residual");
+  check_weight(weight, input, hidden);
+  TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
+  p.rows = input.numel() / hidden;
+  p.hidden = hidden;
+  p.input = input.data_ptr();
+  p.residual = residual.data_ptr();
+  p.weight = weight.data_ptr();
+  p.out = out.data_ptr();
+  p.residual_out = residual_out.data_ptr();
+  p.eps = static_cast<float>(eps);
+  return p;
+}
+
+RotaryParams make_rotary_params(at::Tensor& query, at::Tensor& key, const at::Tensor& positions, double theta) {
+  RotaryParams p{};
+  p.dtype = dtype_tag(query, "query");
+  const int64_t q_stride = token_stride_of(query, "query");
+  const int64_t k_stride = token_stride_of(key, "key");
+  check_same_device(key, query, "key", "query");
+  check_same_dtype(key, query, "key", "query");
+  TORCH_CHECK_VALUE(key.size(0) == query.size(0) && key.size(1) == query.size(1), "key's batch and tokens ",
+                    key.sizes().slice(0, 2), " must match query's ", query.sizes().slice(0, 2));
+  TORCH_CHECK_VALUE(key.size(3) == query.size(3), "key's head_dim ", key.size(3), " must match query's ",
+                    query.size(3));
+  const int64_t head_dim = query.size(3);
+  TORCH_CHECK_VALUE(head_dim % 2 == 0 && head_dim >= 2 && head_dim <= 256,
+                    "head_dim must be even and at most 256, got ", head_dim);
+  check_positions(positions, query, query.sizes().slice(0, 2), "query");
+  TORCH_CHECK_VALUE(theta > 0, "rope theta must be > 0, got ", theta);
+  p.tokens = query.size(0) * query.size(1);
+  p.num_heads = static_cast<int32_t>(query.size(2));
+  p.num_kv_heads = static_cast<int32_t>(key.size(2));
+  p.head_dim = static_cast<int32_t>(head_dim);
+  p.q = query.data_ptr();
+  p.q_token_stride = q_stride;
+  p.k = key.data_ptr();
+  p.k_token_stride = k_stride;
+  p.positions = positions.data_ptr<int64_t>();
+  p.theta = static_cast<float>(theta);
+  return p;
+}
+
+SiluAndMulParams make_silu_and_mul_params(const at::Tensor& input, at::Tensor& out) {
+  SiluAndMulParams p{};
+  p.dtype = dtype_tag(input, "input");
+  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) % 2 == 0 && input.size(-1) > 0,
+                    "input's last dimension must be even ([gate | up]), got shape ", input.sizes());
+  check_contiguous(input, "input");
+  p.inter = input.size(-1) / 2;
+  p.rows = input.numel() / input.size(-1);
+  p.input = input.data_ptr();
+  p.out = out.data_ptr();
+  return p;
+}
+
+KvCacheWriteParams make_kv_cache_write_params(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& key,
+                                              const at::Tensor& value, const at::Tensor& positions) {
+  KvCacheWriteParams p{};
+  p.dtype = dtype_tag(k_cache, "k_cache");
+  check_rank(k_cache, 4, "k_cache");
+  check_contiguous(k_cache, "k_cache");
+  check_contiguous(v_cache, "v_cache");
+  check_same_device(v_cache, k_cache, "v_cache", "k_cache");
+  check_same_dtype(v_cache, k_cache, "v_cache", "k_cache");
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache shape ", v_cache.sizes(),
+                    " must equal k_cache shape ", k_cache.sizes());
+  const int64_t k_stride = token_stride_of(key, "key");
+  const int64_t v_stride = token_stride_of(value, "value");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{key, "key"}, {value, "value"}}) {
+    check_same_device(t, k_cache, name, "k_cache");
+    check_same_dtype(t, k_cache, name, "k_cache");
+    TORCH_CHECK_VALUE(t.size(0) == k_cache.size(0) && t.size(2) == k_cache.size(2) && t.size(3) == k_cache.size(3),
+                      name, " shape ", t.sizes(), " does not match k_cache [batch, capacity, kv_heads, head_dim] = ",
+                      k_cache.sizes());
+  }
+  TORCH_CHECK_VALUE(value.size(1) == key.size(1), "value has ", value.size(1), " tokens but key has ", key.size(1));
+  TORCH_CHECK_VALUE(k_cache.size(1) > 0, "k_cache capacity must be > 0");
+  check_positions(positions, key, key.sizes().slice(0, 2), "key");
+  p.batch = static_cast<int32_t>(key.size(0));
+  p.tokens = static_cast<int32_t>(key.size(1));
+  p.num_kv_heads = static_cast<int32_t>(key.size(2));
+  p.head_dim = static_cast<int32_t>(key.size(3));
+  p.capacity = static_cast<int32_t>(k_cache.size(1));
+  p.k = key.data_ptr();
+  p.k_token_stride = k_stride;
+  p.v = value.data_ptr();
+  p.v_token_stride = v_stride;
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.positions = positions.data_ptr<int64_t>();
+  return p;
+}
+
+}  // namespace mistral_ext::binding

@@ -1,0 +1,37 @@
+// The torch library: op schemas and their CPU implementations. Importing the compiled module
+// (mistral_ext._C) registers everything; the CUDA implementations live in ops_cuda.cpp.
+#include <Python.h>
+
+#include "op_impls.h"
+
+namespace mistral_ext::binding {
+
+struct CpuBackend {
+  struct Guard {
+    explicit Guard(const at::Tensor& t) {
+      TORCH_CHECK_VALUE(t.device().is_cpu(), "expected CPU tensors, got one on ", t.device());
+    }
+  };
+  static void launch(const RmsNormParams& p) { rms_norm_cpu(p); }
+  static void launch(const FusedAddRmsNormParams& p) { fused_add_rms_norm_cpu(p); }
+  static void launch(const RotaryParams& p) { rotary_embedding_cpu(p); }
+  static void launch(const SiluAndMulParams& p) { silu_and_mul_cpu(p); }
+  static void launch(const KvCacheWriteParams& p) { kv_cache_write_cpu(p); }
+};
+
+}  // namespace mistral_ext::binding
+
+TORCH_LIBRARY(mistral_ext, m) {
+  m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
+  m.def("fused_add_rms_norm(Tensor input, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rotary_embedding_(Tensor(a!) query, Tensor(b!) key, Tensor positions, float theta) -> ()");
+  m.def("silu_and_mul(Tensor input) -> Tensor");
+  m.def("kv_cache_write_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, Tensor positions) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(mistral_ext, CPU, m) { mistral_ext::binding::register_impls<mistral_ext::binding::CpuBackend>(m); }
+
+// An importable extension module with no Python functions of its own: importing it runs the
+// static registrations above.
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

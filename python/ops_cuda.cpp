@@ -1,0 +1,31 @@
+// CUDA implementations of the torch ops: same checks as the CPU ones (op_impls.h), launched on
+// the tensors' device and its current stream.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "op_impls.h"
+
+namespace mistral_ext::binding {
+
+struct CudaBackend {
+  struct Guard {
+    explicit Guard(const at::Tensor& t) : device_guard(check_cuda(t)) {}
+    static at::Device check_cuda(const at::Tensor& t) {
+      TORCH_CHECK_VALUE(t.device().is_cuda(), "expected CUDA tensors, got one on ", t.device());
+      return t.device();
+    }
+    c10::cuda::CUDAGuard device_guard;
+  };
+  static CudaStream stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+  static void launch(const RmsNormParams& p) { rms_norm_cuda(p, stream()); }
+  static void launch(const FusedAddRmsNormParams& p) { fused_add_rms_norm_cuda(p, stream()); }
+  static void launch(const RotaryParams& p) { rotary_embedding_cuda(p, stream()); }
+  static void launch(const SiluAndMulParams& p) { silu_and_mul_cuda(p, stream()); }
+  static void launch(const KvCacheWriteParams& p) { kv_cache_write_cuda(p, stream()); }
+};
+
+}  // namespace mistral_ext::binding
+
+TORCH_LIBRARY_IMPL(mistral_ext, CUDA, m) {
+  mistral_ext::binding::register_impls<mistral_ext::binding::CudaBackend>(m);
+}

@@ -1,0 +1,51 @@
+"""Builds mistral_ext._C, the torch extension, from the same csrc/ sources as the CMake library.
+
+CPU-only when the installed torch has no CUDA; CPU + CUDA when it has. The CUDA architectures
+come from TORCH_CUDA_ARCH_LIST (default "8.0;9.0a"). Build without isolation so the extension
+compiles against the torch that is installed:  pip install --no-build-isolation -e .
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def want_cuda():
+    choice = os.environ.get("MISTRAL_EXT_CUDA", "auto").lower()
+    if choice in ("0", "off", "false", "no"):
+        return False
+    available = cpp_extension.CUDA_HOME is not None and __import__("torch").version.cuda is not None
+    if choice in ("1", "on", "true", "yes") and not available:
+        raise RuntimeError("MISTRAL_EXT_CUDA=1 but torch has no CUDA or no CUDA toolkit was found")
+    return available
+
+
+def extension():
+    cpp_sources = sources("csrc/*.cpp") + ["python/ops.cpp", "python/op_params.cpp"]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+    if not want_cuda():
+        return cpp_extension.CppExtension(
+            "mistral_ext._C", cpp_sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr",
+                  "-DMISTRAL_EXT_WITH_CUDA", "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        "mistral_ext._C", cpp_sources + sources("csrc/*.cu") + ["python/ops_cuda.cpp"],
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags + ["-DMISTRAL_EXT_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"])
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
