@@ -97,14 +97,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         values = torch.cat([v_cache, v], dim=1)
     else:
         key_pos, keys, values = positions, k, v
+    # Empty slots and padding tokens hold arbitrary data (NaN included) that must not leak.
+    present = (key_pos >= 0)[..., None, None]
+    keys, values = keys.float().where(present, 0.0), values.float().where(present, 0.0)
     query_pos = positions.unsqueeze(2)                       # [B, T, 1]
     key_pos = key_pos.unsqueeze(1)                           # [B, 1, S]
     mask = (key_pos >= 0) & (key_pos <= query_pos) & (query_pos >= 0)
     if window is not None and window > 0:
         mask &= key_pos > query_pos - window
     group = heads // kv_heads
-    keys = keys.float().repeat_interleave(group, dim=2)      # [B, S, H, D]
-    values = values.float().repeat_interleave(group, dim=2)
+    keys = keys.repeat_interleave(group, dim=2)              # [B, S, H, D]
+    values = values.repeat_interleave(group, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q.float(), keys) * scale
     scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key (padding) -> 0

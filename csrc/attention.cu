@@ -1,0 +1,566 @@
+// Sliding-window grouped-query attention on CUDA (AttentionParams in kernels.h): the query at
+// position i attends to the cached and new keys at positions j with i - W < j <= i,
+// out = softmax(scale * q.k) @ v, accumulated in fp32 with an online softmax.
+//
+// bf16 / fp16: one flash-attention-2 style kernel on tensor cores (mma.sync m16n8k16) serves prefill
+// and decode. A CTA owns 128 query rows of one (sequence, kv head): the rows are the (token, head)
+// pairs of the kv head's query heads, token-major, so every K/V tile in shared memory serves all
+// heads of the group (GQA without duplicated K/V). Each of its 8 warps owns 16 rows and keeps its
+// Q fragments, scores and output accumulators in registers. K/V tiles of 64 keys stream through
+// shared memory with cp.async, double buffered (the next tile loads while this one is used), over
+// the key span that can fall inside the CTA's windows (attention_key_span): tiles outside the
+// window or the causal range are never loaded.
+// Split-KV (flash-decoding): when the grid would not fill the GPU (decode: one token per sequence),
+// each CTA takes one slice of its key span and writes a partial (output, log-sum-exp) to the
+// workspace; a combine kernel merges the slices.
+// fp32: a simple kernel, one warp per query row, lanes splitting head_dim (no tensor cores).
+//
+// Positions are compared as int32 on the device: they are below 2^31 - 1 since cache_lens is int32.
+#include <climits>
+
+#include "attention_common.h"
+#include "cuda_common.cuh"
+
+namespace mistral_ext {
+namespace {
+
+constexpr int kBlockM = 128;  // query rows per CTA: each K/V tile read from L2 serves 128 rows
+constexpr int kBlockN = 64;   // keys per K/V tile
+constexpr int kWarps = 8;     // 16 query rows each
+constexpr int kThreads = 32 * kWarps;
+constexpr int kTargetCtas = 264;       // split the keys until about two waves of CTAs on an H100 (132 SMs)
+constexpr int kMaxSplits = 64;
+constexpr int kMinTilesPerSplit = 2;   // a slice smaller than this is not worth a partial result
+constexpr int kAbsentKey = INT_MAX;    // key position of empty tile rows: no query sees it
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Shared memory rows are padded by 16 bytes: ldmatrix reads 8 rows of 16 bytes at once, and with a
+// row stride of (head_dim + 8) * 2 bytes (144, 208 or 272) those 8 rows fall in 8 distinct 4-bank
+// groups, so fragment loads are conflict-free for head_dim 64, 96 and 128.
+template <int kHeadDim>
+struct Smem {
+  static constexpr int kStride = kHeadDim + 8;        // elements per tile row
+  static constexpr int kTile = kBlockN * kStride;     // elements per K or V tile
+  // The Q tile, K stages 0 and 1, V stages 0 and 1 (16-bit elements), then two stages of key
+  // positions: 105 KB for head_dim 128, one CTA (8 warps) per SM.
+  static constexpr size_t kBytes = (kBlockM * kStride + 4 * kTile) * 2 + 2 * kBlockN * sizeof(int);
+};
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers (sm_80+).
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy, cached in L2 only. present = false writes 16 zero bytes and reads
+// nothing (src-size 0), so empty rows never produce NaN through 0 * garbage.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool present) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(smem)), "l"(gmem),
+               "r"(present ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most `kPending` of this thread's most recent groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// ldmatrix.x4: four 8x8 matrices of 16-bit elements; lanes 8i..8i+7 give the addresses of the 8
+// rows (16 bytes each) of matrix i. Register i of lane l receives matrix i's row l/4, columns
+// 2(l%4) and 2(l%4)+1 (lower column in the low half). With .trans it receives the transposed
+// fragment: rows 2(l%4) and 2(l%4)+1 of column l/4.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(smem)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(smem)));
+}
+
+// d += a * b, mma.sync m16n8k16 with fp32 accumulators. Fragment layouts (PTX ISA, "Matrix
+// fragments for mma.m16n8k16"), with g = lane / 4 and c = lane % 4:
+//   A 16x16 (row-major): a0 = (row g,   cols 2c, 2c+1)   a1 = (row g+8, cols 2c, 2c+1)
+//                        a2 = (row g,   cols 2c+8, 2c+9) a3 = (row g+8, cols 2c+8, 2c+9)
+//   B 16x8 (k x n):      b0 = (k 2c, 2c+1; n g)          b1 = (k 2c+8, 2c+9; n g)
+//   C/D 16x8:            d0, d1 = (row g, cols 2c, 2c+1)  d2, d3 = (row g+8, cols 2c, 2c+1)
+// Each 32-bit A/B register holds two 16-bit elements, the lower column (or k) in the low half.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded to T and packed into one register, lo in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// 2^x with the SFU (relative error ~2^-22); 2^-inf = 0.
+__device__ __forceinline__ float exp2_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core kernel.
+
+// Everything a CTA needs to know about its 128 query rows: row r of the CTA is row0 + r of the
+// (token, head) rows of (b, kv_head), i.e. token (row0 + r) / group, head kv_head * group +
+// (row0 + r) % group.
+struct RowBlock {
+  int b, kv_head, group, rows_total, row0;
+  __device__ int token(int r) const { return (row0 + r) / group; }
+  __device__ int head(int r) const { return kv_head * group + (row0 + r) % group; }
+  __device__ bool exists(int r) const { return row0 + r < rows_total; }
+};
+
+// Tile loads use 4 threads per row, each taking every 4th 16-byte chunk (so 4 neighbouring lanes
+// read 64 contiguous bytes), 64 rows per pass; chunk i of this thread is column
+// 8 * (threadIdx.x % 4 + 4 * i).
+__device__ __forceinline__ int chunk_column(int i) { return 8 * (threadIdx.x % 4 + 4 * i); }
+
+// The CTA's query rows into the Q tile (row stride Smem::kStride); rows past the end and padding
+// queries are zero-filled.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void load_q_tile(const AttentionParams& p, const RowBlock& rb, T* q_tile) {
+  const T* q = static_cast<const T*>(p.q);
+  for (int r = threadIdx.x / 4; r < kBlockM; r += kThreads / 4) {
+    const bool present = rb.exists(r) && p.positions[static_cast<int64_t>(rb.b) * p.tokens + rb.token(r)] >= 0;
+    const T* src = present ? q + (static_cast<int64_t>(rb.b) * p.tokens + rb.token(r)) * p.q_token_stride +
+                                 static_cast<int64_t>(rb.head(r)) * kHeadDim
+                           : q;
+#pragma unroll
+    for (int i = 0; i < kHeadDim / 32; ++i)
+      cp_async_16(q_tile + r * Smem<kHeadDim>::kStride + chunk_column(i), src + (present ? chunk_column(i) : 0),
+                  present);
+  }
+}
+
+// Keys j0 .. j0 + 63 (key order of `span`) into one K/V stage, with their positions (kAbsentKey for
+// rows past the span's end and for padding tokens, which are zero-filled instead of read).
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void load_kv_tiles(const AttentionParams& p, const KeySpan& span, const RowBlock& rb,
+                                              int j0, T* k_tile, T* v_tile, int* key_pos) {
+  for (int r = threadIdx.x / 4; r < kBlockN; r += kThreads / 4) {
+    const int j = j0 + r;
+    const int64_t position = j < span.end ? key_position(p, span, rb.b, j) : -1;
+    const bool present = position >= 0;
+    const KeyRow<T> src = present ? key_row<T>(p, span, rb.b, rb.kv_head, j)
+                                  : KeyRow<T>{static_cast<const T*>(p.k), static_cast<const T*>(p.v)};
+#pragma unroll
+    for (int i = 0; i < kHeadDim / 32; ++i) {
+      const int col = chunk_column(i), offset = present ? col : 0;
+      cp_async_16(k_tile + r * Smem<kHeadDim>::kStride + col, src.k + offset, present);
+      cp_async_16(v_tile + r * Smem<kHeadDim>::kStride + col, src.v + offset, present);
+    }
+    if (threadIdx.x % 4 == 0) key_pos[r] = present ? static_cast<int>(position) : kAbsentKey;
+  }
+}
+
+// Per-warp state of 16 query rows: this lane holds rows g and g + 8 (g = lane / 4) of the warp's
+// block, i.e. element i of each pair below is row g + 8i.
+template <int kHeadDim>
+struct WarpRows {
+  float out[kHeadDim / 8][4];  // C fragments of the 16 x head_dim output, one per 8 columns
+  float max[2];                // running max of scale * log2(e) * q.k
+  float sum[2];                // running sum of 2^(score - max), this lane's columns only
+  int query_pos[2];            // -1 for padding and rows past the end
+  int window_low[2];           // keys at positions <= window_low are outside the window
+};
+
+// One K/V tile for one warp: S = Q K^T (scaled to log2 units and masked), online softmax update,
+// O += P V. q holds the warp's A fragments of Q, one per 16 columns of head_dim.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void attend_tile(const uint32_t (&q)[kHeadDim / 16][4], const T* k_tile,
+                                            const T* v_tile, const int* key_pos, float scale_log2,
+                                            WarpRows<kHeadDim>& w) {
+  constexpr int kStride = Smem<kHeadDim>::kStride;
+  const int lane = threadIdx.x % 32;
+
+  // S (16 x 64) = Q (16 x head_dim) K^T. B fragments from K rows (keys) by ldmatrix without
+  // .trans: lanes 0-7 address keys 0-7 at columns kk*16 + 0..7 (-> b0 of key tile 2np), lanes
+  // 8-15 keys 0-7 at +8 (-> b1 of 2np), lanes 16-23 keys 8-15 at +0 (-> b0 of 2np+1), lanes
+  // 24-31 keys 8-15 at +8 (-> b1 of 2np+1); row l/4 of a K matrix is key g, columns 2c, 2c+1.
+  float s[kBlockN / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < kBlockN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < kBlockN / 16; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, k_tile + (np * 16 + lane % 8 + 8 * (lane / 16)) * kStride + kk * 16 + 8 * (lane / 8 % 2));
+      mma_16816<T>(s[2 * np], q[kk], b[0], b[1]);
+      mma_16816<T>(s[2 * np + 1], q[kk], b[2], b[3]);
+    }
+  }
+
+  // Mask and scale: element e of s[nt] is row g + 8 * (e / 2), key nt * 8 + 2c + e % 2.
+  float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < kBlockN / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = e / 2;
+      const int kp = key_pos[nt * 8 + 2 * (lane % 4) + e % 2];
+      const bool visible = kp <= w.query_pos[i] && kp > w.window_low[i];
+      s[nt][e] = visible ? s[nt][e] * scale_log2 : -INFINITY;
+      tile_max[i] = fmaxf(tile_max[i], s[nt][e]);
+    }
+  }
+  // Online softmax per row: the four lanes of a row (same g) share its max through shuffles.
+  float base[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
+    tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
+    const float new_max = fmaxf(w.max[i], tile_max[i]);
+    base[i] = new_max == -INFINITY ? 0.f : new_max;  // no visible key yet: keep everything at 0
+    const float rescale = exp2_fast(w.max[i] - base[i]);
+    w.max[i] = new_max;
+    w.sum[i] *= rescale;
+#pragma unroll
+    for (int nt = 0; nt < kHeadDim / 8; ++nt) {
+      w.out[nt][2 * i] *= rescale;
+      w.out[nt][2 * i + 1] *= rescale;
+    }
+  }
+
+  // P = 2^(S - max) as A fragments: the C fragments of key tiles 2kt and 2kt+1 are exactly the A
+  // fragment of keys kt*16 .. kt*16+15 (a0 = s[2kt][0,1], a1 = s[2kt][2,3], a2 = s[2kt+1][0,1],
+  // a3 = s[2kt+1][2,3]).
+  uint32_t pf[kBlockN / 16][4];
+#pragma unroll
+  for (int kt = 0; kt < kBlockN / 16; ++kt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int nt = 2 * kt + half;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2_fast(s[nt][e] - base[e / 2]);
+        w.sum[e / 2] += s[nt][e];
+      }
+      pf[kt][2 * half] = pack2<T>(s[nt][0], s[nt][1]);
+      pf[kt][2 * half + 1] = pack2<T>(s[nt][2], s[nt][3]);
+    }
+  }
+
+  // O (16 x head_dim) += P (16 x 64) V. B fragments from V rows (keys) by ldmatrix.trans: lanes
+  // 0-7 address keys 0-7 at columns dp*16 + 0..7 (-> b0 of column tile 2dp), lanes 8-15 keys 8-15
+  // (-> b1 of 2dp), lanes 16-23 keys 0-7 at +8 (-> b0 of 2dp+1), lanes 24-31 keys 8-15 at +8 (-> b1
+  // of 2dp+1); transposed, register i holds keys 2c, 2c+1 of column g.
+#pragma unroll
+  for (int kt = 0; kt < kBlockN / 16; ++kt) {
+#pragma unroll
+    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, v_tile + (kt * 16 + lane % 16) * kStride + dp * 16 + 8 * (lane / 16));
+      mma_16816<T>(w.out[2 * dp], pf[kt], b[0], b[1]);
+      mma_16816<T>(w.out[2 * dp + 1], pf[kt], b[2], b[3]);
+    }
+  }
+}
+
+// grid (m_blocks * num_splits, num_kv_heads, batch), kThreads threads, Smem<kHeadDim>::kBytes of
+// dynamic shared memory. With num_splits > 1, split s of a CTA covers the s-th slice of its key
+// tiles and writes normalised partial outputs and base-2 log-sum-exps to partial_out
+// [num_splits, batch * tokens * num_heads, head_dim] and partial_lse [num_splits, batch * tokens *
+// num_heads]; with one split it writes out directly.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kThreads)
+    flash_attention_kernel(const AttentionParams p, int num_splits, float* __restrict__ partial_out,
+                           float* __restrict__ partial_lse) {
+  using S = Smem<kHeadDim>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* q_tile = reinterpret_cast<T*>(smem);                             // [kBlockM][kStride]
+  T* k_tiles = q_tile + kBlockM * S::kStride;                         // [2][kBlockN][kStride]
+  T* v_tiles = k_tiles + 2 * S::kTile;                                // [2][kBlockN][kStride]
+  int* key_pos = reinterpret_cast<int*>(v_tiles + 2 * S::kTile);      // [2][kBlockN]
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int split = blockIdx.x % num_splits;
+  const int group = p.num_heads / p.num_kv_heads;
+  const RowBlock rb{static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.y), group, p.tokens * group,
+                    static_cast<int>(blockIdx.x / num_splits) * kBlockM};
+  const int64_t* positions = p.positions + static_cast<int64_t>(rb.b) * p.tokens;
+  const int last_row = (rb.row0 + kBlockM < rb.rows_total ? rb.row0 + kBlockM : rb.rows_total) - 1;
+  const int t_first = rb.token(0), t_last = last_row / group;
+
+  WarpRows<kHeadDim> w;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + lane / 4 + 8 * i;
+    const int64_t position = rb.exists(r) ? positions[rb.token(r)] : -1;
+    w.query_pos[i] = position >= 0 ? static_cast<int>(position) : -1;
+    w.window_low[i] = p.window > 0 ? w.query_pos[i] - p.window : -1;
+    w.max[i] = -INFINITY;
+    w.sum[i] = 0.f;
+  }
+#pragma unroll
+  for (int nt = 0; nt < kHeadDim / 8; ++nt) w.out[nt][0] = w.out[nt][1] = w.out[nt][2] = w.out[nt][3] = 0.f;
+
+  // This split's key tiles (none when every query of the block is padding: padding comes first,
+  // so that is when the last token is padding).
+  KeySpan span{};
+  int tile_begin = 0, tile_end = 0;
+  if (positions[t_last] >= 0) {
+    span = attention_key_span(p, rb.b, t_first, t_last);
+    const int tiles = (span.end - span.begin + kBlockN - 1) / kBlockN;
+    const int per_split = (tiles + num_splits - 1) / num_splits;
+    tile_begin = split * per_split;
+    tile_end = tile_begin + per_split < tiles ? tile_begin + per_split : tiles;
+  }
+
+  if (tile_begin < tile_end) {  // the same for the whole CTA, so the barriers inside are safe
+    // Prologue: the Q tile and the first K/V tile as one group.
+    load_q_tile<T, kHeadDim>(p, rb, q_tile);
+    load_kv_tiles<T, kHeadDim>(p, span, rb, span.begin + tile_begin * kBlockN, k_tiles, v_tiles, key_pos);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    // Q A fragments: lanes 0-15 address rows 0-15 at columns kk*16, lanes 16-31 rows 0-15 at
+    // kk*16 + 8, giving matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15)
+    // = a0, a1, a2, a3.
+    uint32_t qf[kHeadDim / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk)
+      ldmatrix_x4(qf[kk], q_tile + (warp * 16 + lane % 16) * S::kStride + kk * 16 + 8 * (lane / 16));
+
+    // Warps whose 16 rows are all past the end still load and synchronise, but skip the math.
+    const bool warp_has_rows = rb.exists(warp * 16);
+    const float scale_log2 = p.scale * kLog2e;
+    for (int tile = tile_begin; tile < tile_end; ++tile) {
+      const int stage = (tile - tile_begin) % 2;
+      if (tile + 1 < tile_end)
+        load_kv_tiles<T, kHeadDim>(p, span, rb, span.begin + (tile + 1) * kBlockN, k_tiles + (1 - stage) * S::kTile,
+                                   v_tiles + (1 - stage) * S::kTile, key_pos + (1 - stage) * kBlockN);
+      cp_async_commit();  // possibly empty: keeps "all but the newest group" meaning "this tile"
+      cp_async_wait<1>();
+      __syncthreads();
+      if (warp_has_rows)
+        attend_tile<T, kHeadDim>(qf, k_tiles + stage * S::kTile, v_tiles + stage * S::kTile,
+                                 key_pos + stage * kBlockN, scale_log2, w);
+      __syncthreads();  // everyone is done with this stage before it is refilled
+    }
+  }
+
+  // Epilogue: the four lanes of a row add up their partial sums; this lane writes columns
+  // nt*8 + 2c, 2c+1 of rows g and g+8.
+  const int64_t out_rows = static_cast<int64_t>(p.batch) * p.tokens * p.num_heads;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float sum = w.sum[i];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int r = warp * 16 + lane / 4 + 8 * i;
+    if (!rb.exists(r)) continue;
+    const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;  // padding rows saw no key: output 0
+    const int64_t out_row = (static_cast<int64_t>(rb.b) * p.tokens + rb.token(r)) * p.num_heads + rb.head(r);
+    const int col = 2 * (lane % 4);
+    if (num_splits == 1) {
+      T* dst = static_cast<T*>(p.out) + out_row * kHeadDim + col;
+#pragma unroll
+      for (int nt = 0; nt < kHeadDim / 8; ++nt)
+        *reinterpret_cast<uint32_t*>(dst + nt * 8) = pack2<T>(w.out[nt][2 * i] * inv_sum, w.out[nt][2 * i + 1] * inv_sum);
+    } else {
+      float* dst = partial_out + (split * out_rows + out_row) * kHeadDim + col;
+#pragma unroll
+      for (int nt = 0; nt < kHeadDim / 8; ++nt)
+        *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(w.out[nt][2 * i] * inv_sum, w.out[nt][2 * i + 1] * inv_sum);
+      if (lane % 4 == 0) partial_lse[split * out_rows + out_row] = sum > 0.f ? w.max[i] + log2f(sum) : -INFINITY;
+    }
+  }
+}
+
+// out[row] = sum_s 2^(lse_s - m) partial_out[s][row] / sum_s 2^(lse_s - m), m = max_s lse_s; rows
+// that no split saw (padding) get 0. grid: rows, block: head_dim threads.
+template <typename T>
+__global__ void combine_splits_kernel(T* __restrict__ out,                      // [rows, head_dim]
+                                      const float* __restrict__ partial_out,    // [num_splits, rows, head_dim]
+                                      const float* __restrict__ partial_lse,    // [num_splits, rows]
+                                      int num_splits, int64_t rows, int head_dim) {
+  const int64_t row = blockIdx.x;
+  float max_lse = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) max_lse = fmaxf(max_lse, partial_lse[s * rows + row]);
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float total = 0.f, acc = 0.f;
+    if (max_lse != -INFINITY) {
+      for (int s = 0; s < num_splits; ++s) {
+        const float weight = exp2_fast(partial_lse[s * rows + row] - max_lse);
+        total += weight;
+        acc += weight * partial_out[(s * rows + row) * head_dim + d];
+      }
+    }
+    out[row * head_dim + d] = from_f32<T>(total > 0.f ? acc / total : 0.f);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32 storage: one warp per query row (b, t, h), lane l holding columns l, l + 32, ...; online
+// softmax over the row's key span, one key at a time.
+constexpr int kFp32WarpsPerBlock = 4;
+constexpr int kFp32MaxPerLane = 4;  // head_dim <= 128
+
+__global__ void __launch_bounds__(32 * kFp32WarpsPerBlock) attention_fp32_kernel(const AttentionParams p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kFp32WarpsPerBlock + threadIdx.x / 32;  // (b*T + t)*H + h
+  const int lane = threadIdx.x % 32;
+  if (row >= static_cast<int64_t>(p.batch) * p.tokens * p.num_heads) return;
+  const int h = static_cast<int>(row % p.num_heads);
+  const int64_t token = row / p.num_heads;  // b * tokens + t
+  const int b = static_cast<int>(token / p.tokens), t = static_cast<int>(token % p.tokens);
+  const int d = p.head_dim;
+  const int64_t query_pos = p.positions[token];
+  float acc[kFp32MaxPerLane] = {}, q[kFp32MaxPerLane] = {};
+  float max_score = -INFINITY, sum = 0.f;
+  if (query_pos >= 0) {
+    const float* q_row = static_cast<const float*>(p.q) + token * p.q_token_stride + static_cast<int64_t>(h) * d;
+#pragma unroll
+    for (int e = 0; e < kFp32MaxPerLane; ++e)
+      if (lane + 32 * e < d) q[e] = q_row[lane + 32 * e] * p.scale * kLog2e;
+    const int kv_head = h / (p.num_heads / p.num_kv_heads);
+    const KeySpan span = attention_key_span(p, b, t, t);
+    for (int j = span.begin; j < span.end; ++j) {
+      if (!key_visible(query_pos, key_position(p, span, b, j), p.window)) continue;  // same for the warp
+      const KeyRow<float> key = key_row<float>(p, span, b, kv_head, j);
+      float partial = 0.f;
+#pragma unroll
+      for (int e = 0; e < kFp32MaxPerLane; ++e)
+        if (lane + 32 * e < d) partial += q[e] * key.k[lane + 32 * e];
+      const float score = warp_sum(partial);
+      const float new_max = fmaxf(max_score, score);
+      const float rescale = exp2_fast(max_score - new_max);
+      const float weight = exp2_fast(score - new_max);
+      sum = sum * rescale + weight;
+#pragma unroll
+      for (int e = 0; e < kFp32MaxPerLane; ++e)
+        if (lane + 32 * e < d) acc[e] = acc[e] * rescale + weight * key.v[lane + 32 * e];
+      max_score = new_max;
+    }
+  }
+  const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+  float* out = static_cast<float*>(p.out) + row * d;
+#pragma unroll
+  for (int e = 0; e < kFp32MaxPerLane; ++e)
+    if (lane + 32 * e < d) out[lane + 32 * e] = acc[e] * inv_sum;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+int64_t m_blocks(const AttentionParams& p) {
+  return (static_cast<int64_t>(p.tokens) * (p.num_heads / p.num_kv_heads) + kBlockM - 1) / kBlockM;
+}
+
+// Key slices per CTA, from the sizes only (the cache lengths live on the device): enough CTAs to
+// fill the GPU, each with at least kMinTilesPerSplit tiles of the longest possible span.
+int num_splits(const AttentionParams& p) {
+  if (p.dtype == DType::kFloat32) return 1;
+  const int64_t ctas = m_blocks(p) * p.num_kv_heads * p.batch;
+  if (ctas >= kTargetCtas) return 1;
+  int64_t keys = static_cast<int64_t>(p.capacity) + p.tokens;
+  if (p.window > 0 && keys > static_cast<int64_t>(p.window) + p.tokens) keys = static_cast<int64_t>(p.window) + p.tokens;
+  const int64_t by_keys = (keys + kBlockN - 1) / kBlockN / kMinTilesPerSplit;
+  const int64_t by_ctas = (kTargetCtas + ctas - 1) / ctas;
+  const int64_t splits = by_keys < by_ctas ? by_keys : by_ctas;
+  return static_cast<int>(splits < 1 ? 1 : splits > kMaxSplits ? kMaxSplits : splits);
+}
+
+template <typename T, int kHeadDim>
+void launch_flash(const AttentionParams& p, int splits, CudaStream stream) {
+  constexpr size_t kSmemBytes = Smem<kHeadDim>::kBytes;
+  auto kernel = flash_attention_kernel<T, kHeadDim>;
+  if (kSmemBytes > 48 * 1024) {
+    const cudaError_t error =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
+    if (error != cudaSuccess)
+      throw std::runtime_error(std::string("mistral_ext: attention: cannot set shared memory size: ") +
+                               cudaGetErrorString(error));
+  }
+  const int64_t out_rows = static_cast<int64_t>(p.batch) * p.tokens * p.num_heads;
+  float* partial_out = splits > 1 ? static_cast<float*>(p.workspace) : nullptr;
+  float* partial_lse = splits > 1 ? partial_out + splits * out_rows * kHeadDim : nullptr;
+  const dim3 grid(static_cast<unsigned>(m_blocks(p) * splits), static_cast<unsigned>(p.num_kv_heads),
+                  static_cast<unsigned>(p.batch));
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, splits, partial_out, partial_lse);
+  check_launch("attention");
+  if (splits > 1) {
+    combine_splits_kernel<T><<<static_cast<unsigned>(out_rows), p.head_dim, 0, stream>>>(
+        static_cast<T*>(p.out), partial_out, partial_lse, splits, out_rows, p.head_dim);
+    check_launch("attention (combine)");
+  }
+}
+
+template <typename T>
+void launch_for_head_dim(const AttentionParams& p, int splits, CudaStream stream) {
+  switch (p.head_dim) {
+    case 64: return launch_flash<T, 64>(p, splits, stream);
+    case 96: return launch_flash<T, 96>(p, splits, stream);
+    case 128: return launch_flash<T, 128>(p, splits, stream);
+  }
+}
+
+}  // namespace
+
+size_t attention_workspace_bytes(const AttentionParams& p) {
+  const int splits = num_splits(p);
+  if (splits == 1) return 0;
+  const int64_t out_rows = static_cast<int64_t>(p.batch) * p.tokens * p.num_heads;
+  return static_cast<size_t>(splits) * out_rows * (p.head_dim + 1) * sizeof(float);
+}
+
+void attention_cuda(const AttentionParams& p, CudaStream stream) {
+  check_attention_params(p);
+  require(p.head_dim == 64 || p.head_dim == 96 || p.head_dim == 128,
+          "attention: head_dim must be 64, 96 or 128 on CUDA, got " + std::to_string(p.head_dim));
+  require(p.batch <= 65535 && p.num_kv_heads <= 65535, "attention: at most 65535 sequences and kv heads on CUDA");
+  if (p.batch == 0 || p.tokens == 0) return;
+  const int64_t out_rows = static_cast<int64_t>(p.batch) * p.tokens * p.num_heads;
+  if (p.dtype == DType::kFloat32) {
+    const int64_t blocks = (out_rows + kFp32WarpsPerBlock - 1) / kFp32WarpsPerBlock;
+    require(blocks <= kMaxGridX, "attention: too many query rows for one call on CUDA");
+    attention_fp32_kernel<<<static_cast<unsigned>(blocks), 32 * kFp32WarpsPerBlock, 0, stream>>>(p);
+    check_launch("attention");
+    return;
+  }
+  // cp.async moves 16-byte chunks: every row start must be 16-byte aligned.
+  require(packs_fit<__half>({p.q, p.k, p.v, p.k_cache, p.v_cache}, {p.q_token_stride, p.k_token_stride, p.v_token_stride}),
+          "attention: on CUDA q, k, v and the caches must be 16-byte aligned, with token strides a multiple of 8");
+  const int splits = num_splits(p);
+  require(splits == 1 || p.workspace != nullptr,
+          "attention: the CUDA kernel needs attention_workspace_bytes(p) bytes of workspace");
+  require(m_blocks(p) * splits <= kMaxGridX && out_rows <= kMaxGridX, "attention: too many query rows for one call on CUDA");
+  if (p.dtype == DType::kBFloat16)
+    launch_for_head_dim<__nv_bfloat16>(p, splits, stream);
+  else
+    launch_for_head_dim<__half>(p, splits, stream);
+}
+
+}  // namespace mistral_ext
