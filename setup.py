@@ -29,14 +29,15 @@ def want_cuda():
 
 def extension():
     cpp_sources = sources("csrc/*.cpp") + ["python/ops.cpp", "python/op_params.cpp"]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # torch picks the C++ standard its headers need
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     if not want_cuda():
         return cpp_extension.CppExtension(
             "mistral_ext._C", cpp_sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr",
+    # No --use_fast_math: it would swap sincosf for __sincosf, far off for RoPE's large angles.
+    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
                   "-DMISTRAL_EXT_WITH_CUDA", "-lineinfo"]
     return cpp_extension.CUDAExtension(
         "mistral_ext._C", cpp_sources + sources("csrc/*.cu") + ["python/ops_cuda.cpp"],

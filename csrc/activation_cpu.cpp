@@ -2,12 +2,13 @@
 // silu(g) = g / (1 + exp(-g)), computed in fp32 and rounded once.
 #include <cmath>
 
+#include "activation_common.h"
 #include "common.h"
 
 namespace mistral_ext {
 
 void silu_and_mul_cpu(const SiluAndMulParams& p) {
-  require(p.rows >= 0 && p.inter > 0, "silu_and_mul: sizes must be positive");
+  check_silu_and_mul_params(p);
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* input = static_cast<const T*>(p.input);

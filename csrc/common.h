@@ -9,6 +9,13 @@
 
 #include "mistral_ext/kernels.h"
 
+// Marks the helpers that the CPU kernels and the CUDA kernels share.
+#if defined(__CUDACC__)
+#define MISTRAL_EXT_HOST_DEVICE __host__ __device__
+#else
+#define MISTRAL_EXT_HOST_DEVICE
+#endif
+
 namespace mistral_ext {
 
 // 16-bit storage types for the CPU path; arithmetic always happens in fp32.

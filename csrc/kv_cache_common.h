@@ -5,12 +5,6 @@
 
 #include "common.h"
 
-#if defined(__CUDACC__)
-#define MISTRAL_EXT_HOST_DEVICE __host__ __device__
-#else
-#define MISTRAL_EXT_HOST_DEVICE
-#endif
-
 namespace mistral_ext {
 
 inline void check_kv_cache_write_params(const KvCacheWriteParams& p) {

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "rms_norm_common.h"
 
 namespace mistral_ext {
 namespace {
@@ -19,16 +20,10 @@ void normalize_row(const T* x, const T* weight, T* out, int64_t hidden, float ep
   for (int64_t i = 0; i < hidden; ++i) out[i] = from_float<T>(to_float(x[i]) * inv_rms * to_float(weight[i]));
 }
 
-void check(DType dtype, int64_t rows, int64_t hidden) {
-  require(rows >= 0, "rms_norm: rows must be >= 0");
-  require(hidden > 0, "rms_norm: hidden size must be > 0");
-  (void)dtype;
-}
-
 }  // namespace
 
 void rms_norm_cpu(const RmsNormParams& p) {
-  check(p.dtype, p.rows, p.hidden);
+  check_rms_norm_sizes(p.rows, p.hidden);
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* input = static_cast<const T*>(p.input);
@@ -41,7 +36,7 @@ void rms_norm_cpu(const RmsNormParams& p) {
 }
 
 void fused_add_rms_norm_cpu(const FusedAddRmsNormParams& p) {
-  check(p.dtype, p.rows, p.hidden);
+  check_rms_norm_sizes(p.rows, p.hidden);
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* input = static_cast<const T*>(p.input);

@@ -69,6 +69,11 @@ def _kv_cache_write_fake(k_cache, v_cache, key, value, positions):
     return None
 
 
+@torch.library.register_fake("mistral_ext::attention")
+def _attention_fake(q, k, v, k_cache, v_cache, positions, cache_lens, window, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor],
               positions: torch.Tensor, cache_lens: Optional[torch.Tensor],

@@ -57,6 +57,26 @@ void kv_cache_write_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor&
   if (p.batch > 0 && p.tokens > 0) Backend::launch(p);
 }
 
+// Backend::workspace_bytes(p) says how much device scratch the launch needs; it is allocated here
+// (through torch's allocator, so it is stream-ordered and cached) and freed after the launch.
+template <typename Backend>
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& k_cache, const std::optional<at::Tensor>& v_cache,
+                     const at::Tensor& positions, const std::optional<at::Tensor>& cache_lens, int64_t window,
+                     double scale) {
+  typename Backend::Guard guard(q);
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  AttentionParams p = make_attention_params(q, k, v, k_cache, v_cache, positions, cache_lens, window, scale, out);
+  if (p.batch == 0 || p.tokens == 0) return out;
+  at::Tensor workspace;
+  if (const size_t bytes = Backend::workspace_bytes(p); bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
+    p.workspace = workspace.data_ptr();
+  }
+  Backend::launch(p);
+  return out;
+}
+
 // Registers every op's implementation for one dispatch key.
 template <typename Backend>
 void register_impls(torch::Library& m) {
@@ -65,6 +85,7 @@ void register_impls(torch::Library& m) {
   m.impl("rotary_embedding_", &rotary_embedding_<Backend>);
   m.impl("silu_and_mul", &silu_and_mul<Backend>);
   m.impl("kv_cache_write_", &kv_cache_write_<Backend>);
+  m.impl("attention", &attention<Backend>);
 }
 
 }  // namespace mistral_ext::binding

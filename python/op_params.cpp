@@ -1,5 +1,8 @@
-// Checks and params for the elementwise / normalisation / cache ops (see op_params.h).
+// Checks and params for the elementwise / normalisation / cache / attention ops (see op_params.h).
 #include "op_params.h"
+
+#include <cmath>
+#include <limits>
 
 namespace mistral_ext::binding {
 
@@ -145,6 +148,121 @@ KvCacheWriteParams make_kv_cache_write_params(at::Tensor& k_cache, at::Tensor& v
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
   p.positions = positions.data_ptr<int64_t>();
+  return p;
+}
+
+namespace {
+
+void check_fits_int32(int64_t n, const char* what) {
+  TORCH_CHECK_VALUE(n <= std::numeric_limits<int32_t>::max(), what, " must fit in int32, got ", n);
+}
+
+// CPU tensors only (reading device memory would synchronise): each row's valid positions
+// increase after its padding, and its cached positions precede them.
+void check_positions_against_cache(const at::Tensor& positions, const int32_t* cache_lens) {
+  const int64_t batch = positions.size(0), tokens = positions.size(1);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t* row = pos + b * tokens;
+    int64_t t = 0;
+    while (t < tokens && row[t] < 0) ++t;
+    for (int64_t u = t + 1; u < tokens; ++u)
+      TORCH_CHECK_VALUE(row[u] > row[u - 1], "positions of row ", b,
+                        " must be padding (negative) first, then strictly increasing; got ", row[u - 1], " then ",
+                        row[u], " at tokens ", u - 1, " and ", u);
+    if (cache_lens == nullptr) continue;
+    TORCH_CHECK_VALUE(cache_lens[b] >= 0, "cache_lens[", b, "] must be >= 0, got ", cache_lens[b]);
+    TORCH_CHECK_VALUE(t == tokens || cache_lens[b] <= row[t], "cache_lens[", b, "] = ", cache_lens[b],
+                      " but row ", b, "'s positions start at ", row[t],
+                      ": the cache must hold only positions before the chunk's");
+  }
+}
+
+}  // namespace
+
+AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const std::optional<at::Tensor>& k_cache,
+                                      const std::optional<at::Tensor>& v_cache, const at::Tensor& positions,
+                                      const std::optional<at::Tensor>& cache_lens, int64_t window, double scale,
+                                      at::Tensor& out) {
+  AttentionParams p{};
+  p.dtype = dtype_tag(q, "q");
+  const int64_t q_stride = token_stride_of(q, "q");
+  const int64_t k_stride = token_stride_of(k, "k");
+  const int64_t v_stride = token_stride_of(v, "v");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{k, "k"}, {v, "v"}}) {
+    check_same_device(t, q, name, "q");
+    check_same_dtype(t, q, name, "q");
+    TORCH_CHECK_VALUE(t.size(0) == q.size(0) && t.size(1) == q.size(1), name, "'s batch and tokens ",
+                      t.sizes().slice(0, 2), " must match q's ", q.sizes().slice(0, 2));
+    TORCH_CHECK_VALUE(t.size(3) == q.size(3), name, "'s head_dim ", t.size(3), " must match q's ", q.size(3));
+  }
+  TORCH_CHECK_VALUE(v.size(2) == k.size(2), "v has ", v.size(2), " kv heads but k has ", k.size(2));
+  const int64_t num_heads = q.size(2), num_kv_heads = k.size(2), head_dim = q.size(3);
+  TORCH_CHECK_VALUE(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "q's num_heads (", num_heads,
+                    ") must be a multiple of k's num_kv_heads (", num_kv_heads, ")");
+  if (q.is_cuda()) {
+    TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 96 || head_dim == 128,
+                      "head_dim must be 64, 96 or 128 on CUDA, got ", head_dim);
+  } else {
+    TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= 256, "head_dim must be in [1, 256], got ", head_dim);
+  }
+  check_positions(positions, q, q.sizes().slice(0, 2), "q");
+  check_fits_int32(q.size(0), "batch");
+  check_fits_int32(q.size(1), "tokens");
+  TORCH_CHECK_VALUE(window <= std::numeric_limits<int32_t>::max(), "window must fit in int32, got ", window);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+
+  TORCH_CHECK_VALUE(k_cache.has_value() == v_cache.has_value(), "k_cache and v_cache must both be given or both be None");
+  int64_t capacity = 0;
+  if (k_cache.has_value()) {
+    for (const auto& [t, name] :
+         {std::pair<const at::Tensor&, const char*>{*k_cache, "k_cache"}, {*v_cache, "v_cache"}}) {
+      check_same_device(t, q, name, "q");
+      check_same_dtype(t, q, name, "q");
+      check_rank(t, 4, name);
+      TORCH_CHECK_VALUE(t.size(0) == q.size(0) && t.size(2) == num_kv_heads && t.size(3) == head_dim, name,
+                        " must have shape [batch, capacity, kv_heads, head_dim] = [", q.size(0), ", capacity, ",
+                        num_kv_heads, ", ", head_dim, "], got ", t.sizes());
+      check_contiguous(t, name);
+    }
+    TORCH_CHECK_VALUE(v_cache->sizes() == k_cache->sizes(), "v_cache shape ", v_cache->sizes(),
+                      " must equal k_cache shape ", k_cache->sizes());
+    capacity = k_cache->size(1);
+    check_fits_int32(capacity, "k_cache's capacity");
+    TORCH_CHECK_VALUE(capacity == 0 || cache_lens.has_value(), "cache_lens is required with a cache");
+  }
+  if (cache_lens.has_value()) {
+    TORCH_CHECK_TYPE(cache_lens->scalar_type() == at::kInt, "cache_lens must be int32, got ",
+                     cache_lens->scalar_type());
+    check_same_device(*cache_lens, q, "cache_lens", "q");
+    TORCH_CHECK_VALUE(cache_lens->dim() == 1 && cache_lens->size(0) == q.size(0), "cache_lens must have shape [",
+                      q.size(0), "], got ", cache_lens->sizes());
+    check_contiguous(*cache_lens, "cache_lens");
+  }
+  const bool cached = capacity > 0;
+  if (positions.is_cpu()) check_positions_against_cache(positions, cached ? cache_lens->data_ptr<int32_t>() : nullptr);
+
+  p.batch = static_cast<int32_t>(q.size(0));
+  p.tokens = static_cast<int32_t>(q.size(1));
+  p.num_heads = static_cast<int32_t>(num_heads);
+  p.num_kv_heads = static_cast<int32_t>(num_kv_heads);
+  p.head_dim = static_cast<int32_t>(head_dim);
+  p.capacity = static_cast<int32_t>(capacity);
+  p.window = window > 0 ? static_cast<int32_t>(window) : 0;
+  p.scale = static_cast<float>(scale);
+  p.q = q.data_ptr();
+  p.q_token_stride = q_stride;
+  p.k = k.data_ptr();
+  p.k_token_stride = k_stride;
+  p.v = v.data_ptr();
+  p.v_token_stride = v_stride;
+  p.k_cache = cached ? k_cache->data_ptr() : nullptr;
+  p.v_cache = cached ? v_cache->data_ptr() : nullptr;
+  p.positions = positions.data_ptr<int64_t>();
+  p.cache_lens = cached ? cache_lens->data_ptr<int32_t>() : nullptr;
+  p.out = out.data_ptr();
+  p.workspace = nullptr;
   return p;
 }
 

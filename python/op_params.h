@@ -7,6 +7,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 
 #include "mistral_ext/kernels.h"
@@ -74,5 +75,10 @@ RotaryParams make_rotary_params(at::Tensor& query, at::Tensor& key, const at::Te
 SiluAndMulParams make_silu_and_mul_params(const at::Tensor& input, at::Tensor& out);
 KvCacheWriteParams make_kv_cache_write_params(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& key,
                                               const at::Tensor& value, const at::Tensor& positions);
+AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const std::optional<at::Tensor>& k_cache,
+                                      const std::optional<at::Tensor>& v_cache, const at::Tensor& positions,
+                                      const std::optional<at::Tensor>& cache_lens, int64_t window, double scale,
+                                      at::Tensor& out);
 
 }  // namespace mistral_ext::binding

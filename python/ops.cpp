@@ -17,6 +17,8 @@ struct CpuBackend {
   static void launch(const RotaryParams& p) { rotary_embedding_cpu(p); }
   static void launch(const SiluAndMulParams& p) { silu_and_mul_cpu(p); }
   static void launch(const KvCacheWriteParams& p) { kv_cache_write_cpu(p); }
+  static size_t workspace_bytes(const AttentionParams&) { return 0; }
+  static void launch(const AttentionParams& p) { attention_cpu(p); }
 };
 
 }  // namespace mistral_ext::binding
@@ -27,6 +29,8 @@ TORCH_LIBRARY(mistral_ext, m) {
   m.def("rotary_embedding_(Tensor(a!) query, Tensor(b!) key, Tensor positions, float theta) -> ()");
   m.def("silu_and_mul(Tensor input) -> Tensor");
   m.def("kv_cache_write_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, Tensor positions) -> ()");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? k_cache, Tensor? v_cache, Tensor positions, "
+        "Tensor? cache_lens, int window, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mistral_ext, CPU, m) { mistral_ext::binding::register_impls<mistral_ext::binding::CpuBackend>(m); }

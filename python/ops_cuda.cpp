@@ -1,7 +1,7 @@
 // CUDA implementations of the torch ops: same checks as the CPU ones (op_impls.h), launched on
 // the tensors' device and its current stream.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "op_impls.h"
 
@@ -16,12 +16,14 @@ struct CudaBackend {
     }
     c10::cuda::CUDAGuard device_guard;
   };
-  static CudaStream stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+  static CudaStream stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
   static void launch(const RmsNormParams& p) { rms_norm_cuda(p, stream()); }
   static void launch(const FusedAddRmsNormParams& p) { fused_add_rms_norm_cuda(p, stream()); }
   static void launch(const RotaryParams& p) { rotary_embedding_cuda(p, stream()); }
   static void launch(const SiluAndMulParams& p) { silu_and_mul_cuda(p, stream()); }
   static void launch(const KvCacheWriteParams& p) { kv_cache_write_cuda(p, stream()); }
+  static size_t workspace_bytes(const AttentionParams& p) { return attention_workspace_bytes(p); }
+  static void launch(const AttentionParams& p) { attention_cuda(p, stream()); }
 };
 
 }  // namespace mistral_ext::binding

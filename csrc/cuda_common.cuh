@@ -1,0 +1,124 @@
+// Internal helpers shared by the CUDA kernels: dtype dispatch onto CUDA storage types, fp32
+// conversion, 16-byte packed loads/stores, block reductions and the launch error check.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common.h"
+
+namespace mistral_ext {
+
+// Calls fn with a value of the CUDA storage type matching `dtype` (used only for its type).
+template <typename Fn>
+inline void dispatch_cuda_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: fn(float{}); return;
+    case DType::kFloat16: fn(__half{}); return;
+    case DType::kBFloat16: fn(__nv_bfloat16{}); return;
+  }
+  throw std::invalid_argument("mistral_ext: unknown dtype tag " + std::to_string(static_cast<int>(dtype)));
+}
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Round-to-nearest-even, like the CPU kernels' from_float.
+template <typename T>
+__device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// W consecutive elements moved as one access: 16 bytes when W = kPackWidth<T>, one element
+// when W = 1 (the fallback for unaligned pointers or extents that are not multiples of W).
+template <typename T>
+inline constexpr int kPackWidth = 16 / sizeof(T);
+
+template <typename T, int W>
+struct alignas(sizeof(T) * W) Pack {
+  T v[W];
+};
+
+template <int W, typename T>
+__device__ __forceinline__ Pack<T, W> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, W>*>(p);
+}
+
+template <int W, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, W>& x) {
+  *reinterpret_cast<Pack<T, W>*>(p) = x;
+}
+
+// True when 16-byte packs of T can be used: every pointer 16-byte aligned and every extent
+// (row length, stride or offset, in elements) a multiple of the pack width, so no pack
+// straddles a row boundary or lands misaligned.
+template <typename T>
+inline bool packs_fit(std::initializer_list<const void*> pointers, std::initializer_list<int64_t> extents) {
+  for (const void* p : pointers)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  for (int64_t n : extents)
+    if (n % kPackWidth<T> != 0) return false;
+  return true;
+}
+
+// Calls fn with std::integral_constant<int, W>: W = kPackWidth<T> when `packed`, else 1.
+template <typename T, typename Fn>
+inline void dispatch_pack_width(bool packed, Fn&& fn) {
+  if (packed)
+    fn(std::integral_constant<int, kPackWidth<T>>{});
+  else
+    fn(std::integral_constant<int, 1>{});
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum of v over the block, returned to every thread. blockDim.x must be a multiple of 32.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float partial[32];
+  __shared__ float total;
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  v = warp_sum(v);
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : 0.f;
+    v = warp_sum(v);
+    if (lane == 0) total = v;
+  }
+  __syncthreads();
+  return total;
+}
+
+// Threads for a block that loops over `items` work items: a multiple of 32, at most max_threads.
+inline int block_threads(int64_t items, int max_threads) {
+  const int64_t warps = (items + 31) / 32;
+  return static_cast<int>(warps >= max_threads / 32 ? max_threads : (warps > 0 ? warps * 32 : 32));
+}
+
+// Call right after a launch: a bad configuration surfaces here, not at the next sync.
+inline void check_launch(const char* op) {
+  const cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess)
+    throw std::runtime_error(std::string("mistral_ext: ") + op + " CUDA launch failed: " + cudaGetErrorString(error));
+}
+
+inline constexpr int64_t kMaxGridX = 2147483647;  // blocks along gridDim.x
+
+}  // namespace mistral_ext

@@ -1,0 +1,410 @@
+"""The non-attention ops (rms_norm, fused_add_rms_norm, rotary_embedding_, silu_and_mul,
+kv_cache_write_): kernels against mistral_ext.reference, reference against independent math
+(torch.nn.functional, complex rotation, transformers' RoPE, hand-computed cache slots), schema
+and fake-impl checks (opcheck, torch.compile), and bad input raising errors that name the argument.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mistral_ext import ops, reference
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# Kernel vs reference: both compute in fp32 and round once, so 16-bit results may differ by one
+# ulp of the storage type (summation order, sin/cos/exp implementations); fp32 in the last bits.
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=3e-5),
+    torch.float16: dict(atol=1e-5, rtol=2e-3),
+    torch.bfloat16: dict(atol=1e-5, rtol=1.6e-2),
+}
+
+
+def rand(*shape, dtype=torch.float32, device="cpu"):
+    """Uniform magnitudes in [0.05, 2) with random signs: never zero."""
+    magnitude = torch.rand(shape, device=device) * 1.95 + 0.05
+    sign = torch.randint(0, 2, shape, device=device) * 2 - 1
+    return (magnitude * sign).to(dtype)
+
+
+def left_padded_positions(batch, tokens, starts, device="cpu"):
+    """Row b counts up from starts[b % len(starts)]; negative positions are left padding."""
+    start = torch.tensor([starts[b % len(starts)] for b in range(batch)], device=device)
+    return start[:, None] + torch.arange(tokens, device=device)
+
+
+# Left padding, a fresh sequence, continuation past a 4096 window, 128k context and beyond.
+ROTARY_STARTS = [-3, 0, 4090, 131069, 999_998]
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels vs reference
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [1, 7, 33, 4096, 4097])
+def test_rms_norm(device, dtype, hidden):
+    x, w = rand(2, 3, hidden, dtype=dtype, device=device), rand(hidden, dtype=dtype, device=device)
+    out = ops.rms_norm(x, w, 1e-5)
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out, reference.rms_norm(x, w, 1e-5), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [1, 7, 33, 4097])
+def test_rms_norm_strided_rows(device, dtype, hidden):
+    wide = rand(5, hidden + 9, dtype=dtype, device=device)
+    x = wide[:, 3:3 + hidden]  # rows of a wider tensor: row stride hidden + 9, misaligned start
+    w = rand(hidden, dtype=dtype, device=device)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [1, 7, 33, 4096, 4097])
+def test_fused_add_rms_norm(device, dtype, hidden):
+    x, residual = rand(3, 2, hidden, dtype=dtype, device=device), rand(3, 2, hidden, dtype=dtype, device=device)
+    w = rand(hidden, dtype=dtype, device=device)
+    x_before, residual_before = x.clone(), residual.clone()
+    out, summed = ops.fused_add_rms_norm(x, residual, w, 1e-6)
+    want_out, want_summed = reference.fused_add_rms_norm(x, residual, w, 1e-6)
+    torch.testing.assert_close(summed, want_summed, atol=0, rtol=0)  # one rounding of an fp32 sum
+    torch.testing.assert_close(out, want_out, **TOL[dtype])
+    assert torch.equal(x, x_before) and torch.equal(residual, residual_before)
+
+
+def split_qkv(qkv, heads, kv_heads, head_dim):
+    """q, k, v as column views of a fused [batch, tokens, (heads + 2 kv_heads) * head_dim + pad] output."""
+    q_cols, kv_cols = heads * head_dim, kv_heads * head_dim
+    q = qkv[..., :q_cols].unflatten(-1, (heads, head_dim))
+    k = qkv[..., q_cols:q_cols + kv_cols].unflatten(-1, (kv_heads, head_dim))
+    v = qkv[..., q_cols + kv_cols:q_cols + 2 * kv_cols].unflatten(-1, (kv_heads, head_dim))
+    return q, k, v
+
+
+def fused_qkv(batch, tokens, heads, kv_heads, head_dim, pad, dtype, device):
+    return rand(batch, tokens, (heads + 2 * kv_heads) * head_dim + pad, dtype=dtype, device=device)
+
+
+ROTARY_SHAPES = [  # heads, kv_heads, head_dim, pad
+    (4, 2, 64, 0), (4, 2, 96, 0), (3, 1, 128, 0), (32, 8, 128, 0), (4, 4, 128, 5),
+    (2, 1, 2, 0), (2, 1, 6, 1), (1, 1, 256, 0)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,pad", ROTARY_SHAPES)
+def test_rotary_embedding_fused_qkv(device, dtype, heads, kv_heads, head_dim, pad):
+    batch, tokens = 5, 3
+    qkv = fused_qkv(batch, tokens, heads, kv_heads, head_dim, pad, dtype, device)
+    q, k, v = split_qkv(qkv, heads, kv_heads, head_dim)
+    positions = left_padded_positions(batch, tokens, ROTARY_STARTS, device)
+    theta = 1e6 if head_dim == 96 else 10000.0
+    want = qkv.clone()
+    want_q, want_k, _ = split_qkv(want, heads, kv_heads, head_dim)
+    reference.rotary_embedding_(want_q, want_k, positions, theta)
+    v_before = v.clone()
+    ops.rotary_embedding_(q, k, positions, theta)
+    torch.testing.assert_close(qkv, want, **TOL[dtype])
+    assert torch.equal(v, v_before)
+    padding = positions < 0
+    assert torch.equal(q[padding], want_q[padding]) and torch.equal(k[padding], want_k[padding])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,tokens", [(1, 1), (4, 1), (2, 9)])
+def test_rotary_embedding_contiguous(device, dtype, batch, tokens):
+    q = rand(batch, tokens, 8, 128, dtype=dtype, device=device)
+    k = rand(batch, tokens, 2, 128, dtype=dtype, device=device)
+    positions = left_padded_positions(batch, tokens, [-4, 7, 70_000, 4095], device)
+    want_q, want_k = q.clone(), k.clone()
+    reference.rotary_embedding_(want_q, want_k, positions, 10000.0)
+    ops.rotary_embedding_(q, k, positions, 10000.0)
+    torch.testing.assert_close(q, want_q, **TOL[dtype])
+    torch.testing.assert_close(k, want_k, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [1, 7, 33, 4097, 14336])
+def test_silu_and_mul(device, dtype, inter):
+    x = rand(2, 3, 2 * inter, dtype=dtype, device=device)
+    out = ops.silu_and_mul(x)
+    assert out.shape == (2, 3, inter) and out.dtype == dtype
+    torch.testing.assert_close(out, reference.silu_and_mul(x), **TOL[dtype])
+
+
+KV_CASES = [  # batch, tokens, kv_heads, head_dim, capacity, row starts
+    (3, 6, 2, 64, 4, [-2, 4090, -100]),     # left padding; chunk longer than the buffer; all padding
+    (2, 5, 8, 128, 16, [0, 11]),            # prefill into a roomy buffer, with wrap-around
+    (4, 1, 8, 128, 7, [-1, 6, 7, 131071]),  # decode steps
+    (2, 3, 3, 5, 4, [1, 2]),                # odd head_dim
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,tokens,kv_heads,head_dim,capacity,starts", KV_CASES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_kv_cache_write(device, dtype, batch, tokens, kv_heads, head_dim, capacity, starts, fused):
+    if fused:  # k and v as column views of a fused projection output
+        _, key, value = split_qkv(fused_qkv(batch, tokens, 2, kv_heads, head_dim, 3, dtype, device), 2, kv_heads,
+                                  head_dim)
+    else:
+        key = rand(batch, tokens, kv_heads, head_dim, dtype=dtype, device=device)
+        value = rand(batch, tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    k_cache = rand(batch, capacity, kv_heads, head_dim, dtype=dtype, device=device)
+    v_cache = rand(batch, capacity, kv_heads, head_dim, dtype=dtype, device=device)
+    positions = left_padded_positions(batch, tokens, starts, device)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    reference.kv_cache_write_(want_k, want_v, key, value, positions)
+    ops.kv_cache_write_(k_cache, v_cache, key, value, positions)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+# --------------------------------------------------------------------------------------------
+# Schema, fake implementations, torch.compile
+
+def opcheck_cases(device):
+    x, w = rand(3, 33, device=device), rand(33, device=device)
+    q, k = rand(2, 3, 4, 64, device=device), rand(2, 3, 2, 64, device=device)
+    positions = left_padded_positions(2, 3, [-1, 5000], device)
+    caches = rand(2, 4, 2, 64, device=device), rand(2, 4, 2, 64, device=device)
+    value = rand(2, 3, 2, 64, device=device)
+    m = torch.ops.mistral_ext
+    return [
+        (m.rms_norm.default, (x, w, 1e-6)),
+        (m.fused_add_rms_norm.default, (x, rand(3, 33, device=device), w, 1e-6)),
+        (m.rotary_embedding_.default, (q, k, positions, 10000.0)),
+        (m.silu_and_mul.default, (rand(3, 34, device=device),)),
+        (m.kv_cache_write_.default, (*caches, k, value, positions)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(5))
+def test_opcheck(device, case):
+    op, args = opcheck_cases(device)[case]
+    torch.library.opcheck(op, args)
+
+
+def decoder_step(x, residual, weight, qkv, positions, k_cache, v_cache, gate_up,
+                 heads: int, kv_heads: int, head_dim: int):
+    """Every op once, the way a decoder layer chains them (q/k/v as views of a fused output)."""
+    normed, residual = ops.fused_add_rms_norm(x, residual, weight, 1e-6)
+    q, k, v = split_qkv(qkv, heads, kv_heads, head_dim)
+    ops.rotary_embedding_(q, k, positions, 10000.0)
+    ops.kv_cache_write_(k_cache, v_cache, k, v, positions)
+    return ops.rms_norm(normed, weight, 1e-6), residual, q * 1, ops.silu_and_mul(gate_up)
+
+
+def test_torch_compile_fullgraph():
+    batch, tokens, heads, kv_heads, head_dim, hidden = 2, 3, 4, 2, 64, 40
+
+    eager_inputs = (rand(batch, tokens, hidden), rand(batch, tokens, hidden), rand(hidden),
+                    rand(batch, tokens, (heads + 2 * kv_heads) * head_dim),
+                    left_padded_positions(batch, tokens, [-1, 4094]),
+                    rand(batch, 4, kv_heads, head_dim), rand(batch, 4, kv_heads, head_dim),
+                    rand(batch, tokens, 2 * 48))
+    compiled_inputs = tuple(t.clone() for t in eager_inputs)
+    eager = decoder_step(*eager_inputs, heads, kv_heads, head_dim)
+    compiled = torch.compile(decoder_step, fullgraph=True)(*compiled_inputs, heads, kv_heads, head_dim)
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for got, want in zip(compiled_inputs, eager_inputs):  # the in-place updates happened too
+        assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# The reference against independent formulations
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_rms_norm_matches_functional(dtype):
+    x, w = rand(4, 7, 33, dtype=dtype), rand(33, dtype=dtype)
+    want = F.rms_norm(x.double(), (33,), w.double(), 1e-5).to(dtype)
+    torch.testing.assert_close(reference.rms_norm(x, w, 1e-5), want, **TOL[dtype])
+    residual = rand(4, 7, 33, dtype=dtype)
+    normed, summed = reference.fused_add_rms_norm(x, residual, w, 1e-5)
+    torch.testing.assert_close(summed, (x.double() + residual.double()).to(dtype), atol=0, rtol=0)
+    torch.testing.assert_close(normed, F.rms_norm(summed.double(), (33,), w.double(), 1e-5).to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("head_dim", [2, 64, 96, 128])
+def test_reference_rotary_matches_complex_rotation(head_dim):
+    """Rotate-half RoPE = multiplying z_i = x[i] + 1j * x[i + D/2] by exp(1j * angle_i)."""
+    theta = 10000.0
+    q, k = rand(3, 4, 5, head_dim), rand(3, 4, 2, head_dim)
+    positions = left_padded_positions(3, 4, [-2, 4093, 131070])
+    inv_freq = torch.tensor([theta ** (-2 * i / head_dim) for i in range(head_dim // 2)], dtype=torch.float32)
+    angle = (positions.float()[..., None] * inv_freq).double()  # the documented fp32 angle
+
+    def rotated(x):
+        half = head_dim // 2
+        z = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.polar(
+            torch.ones_like(angle), angle)[:, :, None, :]
+        out = torch.cat([z.real, z.imag], dim=-1).float()
+        return torch.where((positions >= 0)[..., None, None], out, x)
+
+    want_q, want_k = rotated(q), rotated(k)
+    reference.rotary_embedding_(q, k, positions, theta)
+    torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, want_k, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim,theta", [(128, 10000.0), (64, 1e6), (96, 10000.0)])
+def test_reference_rotary_matches_transformers(head_dim, theta):
+    modeling = pytest.importorskip("transformers.models.mistral.modeling_mistral")
+    from transformers import MistralConfig
+
+    heads, kv_heads = 4, 2
+    config = MistralConfig(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                           head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    rotary = modeling.MistralRotaryEmbedding(config)
+    torch.testing.assert_close(rotary.inv_freq, reference.rope_inv_freq(head_dim, theta), atol=0, rtol=1e-6)
+    # transformers rounds its fp32 inverse frequencies differently in the last bit, an error that
+    # grows with the position; with ours in its buffer the two must agree at any position.
+    rotary.inv_freq.copy_(reference.rope_inv_freq(head_dim, theta))
+    q, k = rand(3, 6, heads, head_dim), rand(3, 6, kv_heads, head_dim)
+    positions = left_padded_positions(3, 6, [0, 4093, 131069])
+    cos, sin = rotary(q, positions)
+    want_q, want_k = modeling.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    reference.rotary_embedding_(q, k, positions, theta)
+    torch.testing.assert_close(q, want_q.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, want_k.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_silu_and_mul_matches_formula():
+    x = rand(3, 2 * 17, dtype=torch.float64)
+    gate, up = x[:, :17], x[:, 17:]
+    torch.testing.assert_close(reference.silu_and_mul(x), gate * torch.sigmoid(gate) * up)
+
+
+def test_reference_kv_cache_write_by_hand():
+    # Row 0: padding then positions 0..3 in a 3-slot buffer: position 0 is overwritten by 3
+    # (slot 0), 1 -> slot 1, 2 -> slot 2. Row 1: all padding, its buffer stays as it was.
+    key = torch.tensor([[10., 20., 30., 40., 50.], [1., 2., 3., 4., 5.]]).reshape(2, 5, 1, 1)
+    positions = torch.tensor([[-1, 0, 1, 2, 3], [-5, -4, -3, -2, -1]])
+    k_cache, v_cache = torch.full((2, 3, 1, 1), -7.0), torch.full((2, 3, 1, 1), -7.0)
+    reference.kv_cache_write_(k_cache, v_cache, key, -key, positions)
+    assert k_cache.flatten().tolist() == [50., 30., 40., -7., -7., -7.]
+    assert v_cache.flatten().tolist() == [-50., -30., -40., -7., -7., -7.]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: a clear exception naming the argument
+
+BAD = (TypeError, ValueError)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_bad_input(device):
+    x, w = rand(3, 8, device=device), rand(8, device=device)
+    with pytest.raises(BAD, match="weight"):
+        ops.rms_norm(x, w.double(), 1e-6)
+    with pytest.raises(BAD, match="weight"):
+        ops.rms_norm(x, rand(9, device=device), 1e-6)
+    with pytest.raises(BAD, match="weight"):
+        ops.rms_norm(x, rand(1, 8, device=device), 1e-6)
+    with pytest.raises(BAD, match="input"):
+        ops.rms_norm(torch.ones(3, 8, dtype=torch.int32, device=device), w, 1e-6)
+    with pytest.raises(BAD, match="input"):  # 3-D with strided rows
+        ops.rms_norm(rand(2, 3, 16, device=device)[..., :8], w, 1e-6)
+    with pytest.raises(BAD, match="input"):
+        ops.rms_norm(rand(8, 3, device=device).t(), rand(3, device=device), 1e-6)
+    with pytest.raises(BAD, match="eps"):
+        ops.rms_norm(x, w, -1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_add_rms_norm_bad_input(device):
+    x, residual, w = rand(3, 8, device=device), rand(3, 8, device=device), rand(8, device=device)
+    with pytest.raises(BAD, match="residual"):
+        ops.fused_add_rms_norm(x, rand(3, 9, device=device), w, 1e-6)
+    with pytest.raises(BAD, match="residual"):
+        ops.fused_add_rms_norm(x, residual.bfloat16(), w, 1e-6)
+    with pytest.raises(BAD, match="residual"):
+        ops.fused_add_rms_norm(x, rand(3, 16, device=device)[:, :8], w, 1e-6)
+    with pytest.raises(BAD, match="input"):
+        ops.fused_add_rms_norm(rand(3, 16, device=device)[:, :8], residual, w, 1e-6)
+    with pytest.raises(BAD, match="weight"):
+        ops.fused_add_rms_norm(x, residual, rand(7, device=device), 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_embedding_bad_input(device):
+    q, k = rand(2, 3, 4, 64, device=device), rand(2, 3, 2, 64, device=device)
+    positions = torch.arange(3, device=device).expand(2, 3).contiguous()
+    for bad_q, bad_k, name in [
+        (rand(2, 3, 4, 7, device=device), rand(2, 3, 2, 7, device=device), "head_dim"),
+        (rand(2, 3, 1, 258, device=device), rand(2, 3, 1, 258, device=device), "head_dim"),
+        (q, rand(2, 3, 2, 32, device=device), "key"),
+        (q, rand(2, 4, 2, 64, device=device), "key"),
+        (q, k.bfloat16(), "key"),
+        (rand(2, 3, 256, device=device), k, "query"),
+        (q.int(), k, "query"),
+        (rand(2, 3, 64, 4, device=device).transpose(2, 3), k, "query"),
+    ]:
+        with pytest.raises(BAD, match=name):
+            ops.rotary_embedding_(bad_q, bad_k, positions, 10000.0)
+    with pytest.raises(BAD, match="positions"):
+        ops.rotary_embedding_(q, k, positions.int(), 10000.0)
+    with pytest.raises(BAD, match="positions"):
+        ops.rotary_embedding_(q, k, positions[:, :2].contiguous(), 10000.0)
+    with pytest.raises(BAD, match="positions"):
+        ops.rotary_embedding_(q, k, positions.flatten(), 10000.0)
+    with pytest.raises(BAD, match="theta"):
+        ops.rotary_embedding_(q, k, positions, 0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silu_and_mul_bad_input(device):
+    with pytest.raises(BAD, match="input"):
+        ops.silu_and_mul(rand(3, 7, device=device))
+    with pytest.raises(BAD, match="input"):
+        ops.silu_and_mul(rand(3, 16, device=device)[:, :8])
+    with pytest.raises(BAD, match="input"):
+        ops.silu_and_mul(torch.ones(3, 8, dtype=torch.int64, device=device))
+    with pytest.raises(BAD, match="input"):
+        ops.silu_and_mul(torch.tensor(1.0, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kv_cache_write_bad_input(device):
+    k_cache, v_cache = rand(2, 4, 2, 8, device=device), rand(2, 4, 2, 8, device=device)
+    key, value = rand(2, 3, 2, 8, device=device), rand(2, 3, 2, 8, device=device)
+    positions = torch.arange(3, device=device).expand(2, 3).contiguous()
+    for args, name in [
+        ((rand(2, 4, 16, device=device), rand(2, 4, 16, device=device), key, value, positions), "k_cache"),
+        ((k_cache, rand(2, 5, 2, 8, device=device), key, value, positions), "v_cache"),
+        ((k_cache, v_cache.bfloat16(), key, value, positions), "v_cache"),
+        ((rand(2, 0, 2, 8, device=device), rand(2, 0, 2, 8, device=device), key, value, positions), "k_cache"),
+        ((rand(2, 2, 4, 8, device=device).transpose(1, 2), v_cache, key, value, positions), "k_cache"),
+        ((k_cache, v_cache, rand(2, 3, 3, 8, device=device), value, positions), "key"),
+        ((k_cache, v_cache, rand(3, 3, 2, 8, device=device), value, positions), "key"),
+        ((k_cache, v_cache, key.bfloat16(), value, positions), "key"),
+        ((k_cache, v_cache, key, rand(2, 2, 2, 8, device=device), positions), "value"),
+        ((k_cache, v_cache, key, rand(2, 3, 2, 4, device=device), positions), "value"),
+        ((k_cache, v_cache, key, value, positions.int()), "positions"),
+        ((k_cache, v_cache, key, value, positions[:1]), "positions"),
+    ]:
+        with pytest.raises(BAD, match=name):
+            ops.kv_cache_write_(*args)
+
+
+@requires_cuda
+def test_mixed_devices_name_the_argument():
+    x, w = rand(3, 8, device="cuda"), rand(8)
+    with pytest.raises(BAD, match="weight"):
+        ops.rms_norm(x, w, 1e-6)
+    q, k = rand(1, 2, 2, 64, device="cuda"), rand(1, 2, 1, 64, device="cuda")
+    with pytest.raises(BAD, match="positions"):
+        ops.rotary_embedding_(q, k, torch.arange(2)[None], 10000.0)
+    with pytest.raises(BAD, match="key"):
+        ops.rotary_embedding_(q, k.cpu(), torch.arange(2, device="cuda")[None], 10000.0)
+    caches = rand(1, 4, 1, 64, device="cuda"), rand(1, 4, 1, 64, device="cuda")
+    with pytest.raises(BAD, match="value"):
+        ops.kv_cache_write_(*caches, k, k.cpu(), torch.arange(2, device="cuda")[None])
