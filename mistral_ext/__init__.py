@@ -5,11 +5,13 @@ from .cache import RollingCache
 from .config import AutoConfig, MistralConfig
 from .modeling import (AutoModel, AutoModelForCausalLM, MistralForCausalLM, MistralForSequenceClassification,
                        MistralModel, MistralPreTrainedModel)
+from .generation import TextStreamer
 from .tokenizer import MistralTokenizer
 
 AutoTokenizer = LlamaTokenizer = MistralTokenizer
 
 __all__ = ["cuda_kernels_available", "ops", "reference", "RollingCache", "AutoConfig", "MistralConfig",
            "AutoModel", "AutoModelForCausalLM", "MistralForCausalLM", "MistralForSequenceClassification",
-           "MistralModel", "MistralPreTrainedModel", "MistralTokenizer", "AutoTokenizer", "LlamaTokenizer"]
+           "MistralModel", "MistralPreTrainedModel", "MistralTokenizer", "AutoTokenizer", "LlamaTokenizer",
+           "TextStreamer"]
 __version__ = "0.1.0"
