@@ -11,57 +11,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <random>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "common.h"
-#include "mistral_ext/kernels.h"
-
-#ifdef MISTRAL_EXT_WITH_CUDA
-#include <cuda_runtime.h>
-#endif
+#include "test_support.h"
 
 using namespace mistral_ext;
+using namespace mistral_ext::testing;
 
 namespace {
-
-int failures = 0;
-std::mt19937 rng(3);
-
-void expect(bool ok, const std::string& what) {
-  if (!ok) {
-    ++failures;
-    std::printf("FAIL %s\n", what.c_str());
-  }
-}
-
-// Host storage of one dtype, read and written as fp32 through the library's conversions.
-struct Buffer {
-  DType dtype;
-  std::vector<unsigned char> bytes;
-  Buffer(DType d, int64_t n) : dtype(d), bytes(static_cast<size_t>(n) * dtype_size(d)) {}
-  void* data() { return bytes.data(); }
-  float get(int64_t i) const {
-    float out = 0.f;
-    dispatch_dtype(dtype, [&](auto tag) { out = to_float(reinterpret_cast<const decltype(tag)*>(bytes.data())[i]); });
-    return out;
-  }
-  void set(int64_t i, float value) {
-    dispatch_dtype(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      reinterpret_cast<T*>(bytes.data())[i] = from_float<T>(value);
-    });
-  }
-};
-
-Buffer random_buffer(DType dtype, int64_t n) {
-  std::normal_distribution<float> normal;
-  Buffer b(dtype, n);
-  for (int64_t i = 0; i < n; ++i) b.set(i, normal(rng));
-  return b;
-}
 
 // One attention call: sizes, the chunk's positions (row b: pad[b] padding tokens, then
 // start[b], start[b] + 1, ...) and cache lengths, with random q/k/v and caches.
@@ -73,14 +31,14 @@ struct Case {
 };
 
 struct Inputs {
-  Buffer q, k, v, k_cache, v_cache;
+  Values q, k, v, k_cache, v_cache;
   std::vector<int64_t> positions;
   Inputs(const Case& c, DType d)
-      : q(random_buffer(d, int64_t{c.batch} * c.tokens * c.heads * c.head_dim)),
-        k(random_buffer(d, int64_t{c.batch} * c.tokens * c.kv_heads * c.head_dim)),
-        v(random_buffer(d, int64_t{c.batch} * c.tokens * c.kv_heads * c.head_dim)),
-        k_cache(random_buffer(d, int64_t{c.batch} * c.capacity * c.kv_heads * c.head_dim)),
-        v_cache(random_buffer(d, int64_t{c.batch} * c.capacity * c.kv_heads * c.head_dim)) {
+      : q(random_normal(d, int64_t{c.batch} * c.tokens * c.heads * c.head_dim)),
+        k(random_normal(d, int64_t{c.batch} * c.tokens * c.kv_heads * c.head_dim)),
+        v(random_normal(d, int64_t{c.batch} * c.tokens * c.kv_heads * c.head_dim)),
+        k_cache(random_normal(d, int64_t{c.batch} * c.capacity * c.kv_heads * c.head_dim)),
+        v_cache(random_normal(d, int64_t{c.batch} * c.capacity * c.kv_heads * c.head_dim)) {
     for (int b = 0; b < c.batch; ++b) {
       const int64_t start = c.capacity > 0 ? c.cache_lens[b] : 0;
       for (int t = 0; t < c.tokens; ++t) positions.push_back(t < c.pad[b] ? -1 : start + t - c.pad[b]);
@@ -124,7 +82,7 @@ std::vector<double> attention_loop(const Case& c, const Inputs& in) {
         std::vector<const Key*> seen;
         for (const Key& key : keys) {
           if (key.position < 0 || key.position > i || (c.window > 0 && key.position <= i - c.window)) continue;
-          const Buffer& kb = key.cached ? in.k_cache : in.k;
+          const Values& kb = key.cached ? in.k_cache : in.k;
           double dot = 0;
           for (int e = 0; e < d; ++e) dot += double(in.q.get(q_offset + e)) * kb.get(key.offset + e);
           scores.push_back(dot / std::sqrt(double(d)));
@@ -134,24 +92,12 @@ std::vector<double> attention_loop(const Case& c, const Inputs& in) {
         for (double s : scores) max_score = std::max(max_score, s);
         for (double& s : scores) total += (s = std::exp(s - max_score));
         for (size_t n = 0; n < seen.size(); ++n) {
-          const Buffer& vb = seen[n]->cached ? in.v_cache : in.v;
+          const Values& vb = seen[n]->cached ? in.v_cache : in.v;
           for (int e = 0; e < d; ++e) out[q_offset + e] += scores[n] / total * vb.get(seen[n]->offset + e);
         }
       }
     }
   return out;
-}
-
-void expect_close(const std::string& what, const Buffer& got, const std::vector<double>& want, double atol,
-                  double rtol) {
-  int64_t bad = 0, first = -1;
-  for (int64_t i = 0; i < static_cast<int64_t>(want.size()); ++i)
-    if (!(std::fabs(got.get(i) - want[i]) <= atol + rtol * std::fabs(want[i])) && bad++ == 0) first = i;
-  if (bad == 0) return;
-  char detail[160];
-  std::snprintf(detail, sizeof(detail), ": %lld of %zu values off, first at %lld: got %.8g, want %.8g",
-                static_cast<long long>(bad), want.size(), static_cast<long long>(first), got.get(first), want[first]);
-  expect(false, what + detail);
 }
 
 // fp32: accumulation order only; 16-bit: the output's single rounding (2^-8 / 2^-11 relative).
@@ -182,30 +128,17 @@ void test_cpu() {
   for (const Case& c : cases())
     for (DType d : kAllDtypes) {
       Inputs in(c, d);
-      Buffer out(d, int64_t{c.batch} * c.tokens * c.heads * c.head_dim);
+      Values out(d, int64_t{c.batch} * c.tokens * c.heads * c.head_dim);
       attention_cpu(in.params(c, d, out.data()));
-      expect_close("attention_cpu " + c.name + " " + dtype_name(d), out, attention_loop(c, in), 1e-5, rtol_for(d));
+      expect_close("attention_cpu " + c.name + " " + dtype_name(d), out, attention_loop(c, in), {1e-5, rtol_for(d)});
     }
-}
-
-template <typename Fn>
-void expect_invalid(const std::string& what, Fn&& fn) {
-  try {
-    fn();
-  } catch (const std::invalid_argument&) {
-    return;
-  } catch (const std::exception& e) {
-    expect(false, what + ": threw " + e.what() + " instead of std::invalid_argument");
-    return;
-  }
-  expect(false, what + ": did not throw std::invalid_argument");
 }
 
 template <typename Launch>
 void test_bad_params(const std::string& backend, Launch launch) {
   const Case c = cases()[2];
   Inputs in(c, DType::kBFloat16);
-  Buffer out(DType::kBFloat16, int64_t{c.batch} * c.tokens * c.heads * c.head_dim);
+  Values out(DType::kBFloat16, int64_t{c.batch} * c.tokens * c.heads * c.head_dim);
   const AttentionParams good = in.params(c, DType::kBFloat16, out.data());
   auto with = [&](auto change) {
     AttentionParams p = good;
@@ -223,30 +156,6 @@ void test_bad_params(const std::string& backend, Launch launch) {
 
 #ifdef MISTRAL_EXT_WITH_CUDA
 
-void check_cuda(cudaError_t error, const char* what) {
-  if (error != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(error));
-}
-
-bool cuda_device_present() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // no driver: clear the error, report no device
-    return false;
-  }
-  return count > 0;
-}
-
-struct DeviceCopy {
-  void* ptr = nullptr;
-  size_t bytes;
-  DeviceCopy(const void* host, size_t n) : bytes(n) {
-    check_cuda(cudaMalloc(&ptr, n > 0 ? n : 1), "cudaMalloc");
-    if (host && n > 0) check_cuda(cudaMemcpy(ptr, host, n, cudaMemcpyHostToDevice), "cudaMemcpy to device");
-  }
-  DeviceCopy(const DeviceCopy&) = delete;
-  ~DeviceCopy() { cudaFree(ptr); }
-};
-
 // attention_cuda against attention_cpu on the same inputs. 16-bit: the CUDA kernel rounds the
 // softmax weights to the storage type before the P @ V product (as flash attention does).
 void test_cuda_against_cpu() {
@@ -260,28 +169,22 @@ void test_cuda_against_cpu() {
     for (DType d : kAllDtypes) {
       Inputs in(c, d);
       const int64_t out_elems = int64_t{c.batch} * c.tokens * c.heads * c.head_dim;
-      Buffer cpu_out(d, out_elems), cuda_out(d, out_elems);
+      Values cpu_out(d, out_elems);
       attention_cpu(in.params(c, d, cpu_out.data()));
-      std::vector<double> want(out_elems);
-      for (int64_t i = 0; i < out_elems; ++i) want[i] = cpu_out.get(i);
 
-      const DeviceCopy q(in.q.data(), in.q.bytes.size()), k(in.k.data(), in.k.bytes.size()),
-          v(in.v.data(), in.v.bytes.size()), kc(in.k_cache.data(), in.k_cache.bytes.size()),
-          vc(in.v_cache.data(), in.v_cache.bytes.size()),
-          pos(in.positions.data(), in.positions.size() * sizeof(int64_t)),
-          lens(c.cache_lens.data(), c.cache_lens.size() * sizeof(int32_t)), out(nullptr, cuda_out.bytes.size());
-      AttentionParams p = in.params(c, d, out.ptr);
-      p.q = q.ptr, p.k = k.ptr, p.v = v.ptr, p.positions = static_cast<const int64_t*>(pos.ptr);
+      const DeviceBuffer q(in.q), k(in.k), v(in.v), kc(in.k_cache), vc(in.v_cache), pos(in.positions),
+          lens(c.cache_lens), out(nullptr, cpu_out.bytes());
+      AttentionParams p = in.params(c, d, out.data());
+      p.q = q.data(), p.k = k.data(), p.v = v.data(), p.positions = pos.as<int64_t>();
       if (c.capacity > 0) {
-        p.k_cache = kc.ptr, p.v_cache = vc.ptr, p.cache_lens = static_cast<const int32_t*>(lens.ptr);
+        p.k_cache = kc.data(), p.v_cache = vc.data(), p.cache_lens = lens.as<int32_t>();
       }
-      const DeviceCopy workspace(nullptr, attention_workspace_bytes(p));
-      p.workspace = workspace.ptr;
+      const DeviceBuffer workspace(nullptr, attention_workspace_bytes(p));
+      p.workspace = workspace.data();
       attention_cuda(p, nullptr);
-      check_cuda(cudaDeviceSynchronize(), "attention_cuda");
-      check_cuda(cudaMemcpy(cuda_out.data(), out.ptr, cuda_out.bytes.size(), cudaMemcpyDeviceToHost), "cudaMemcpy");
       const double atol = d == DType::kFloat32 ? 1e-5 : d == DType::kBFloat16 ? 1e-2 : 2e-3;
-      expect_close("attention_cuda " + c.name + " " + dtype_name(d), cuda_out, want, atol, 2 * rtol_for(d));
+      expect_close("attention_cuda " + c.name + " " + dtype_name(d), out.to_host(d), as_doubles(cpu_out),
+                   {atol, 2 * rtol_for(d)});
     }
 }
 
@@ -290,6 +193,7 @@ void test_cuda_against_cpu() {
 }  // namespace
 
 int main() {
+  rng.seed(3);
   test_cpu();
   test_bad_params("cpu", [](const AttentionParams& p) { attention_cpu(p); });
 #ifdef MISTRAL_EXT_WITH_CUDA
@@ -297,7 +201,7 @@ int main() {
   {
     const Case c = cases()[4];  // head_dim 80: fine on the CPU, not on CUDA
     Inputs in(c, DType::kBFloat16);
-    Buffer out(DType::kBFloat16, int64_t{c.batch} * c.tokens * c.heads * c.head_dim);
+    Values out(DType::kBFloat16, int64_t{c.batch} * c.tokens * c.heads * c.head_dim);
     const AttentionParams p = in.params(c, DType::kBFloat16, out.data());
     expect_invalid("cuda head_dim 80", [&] { attention_cuda(p, nullptr); });
   }
