@@ -121,7 +121,12 @@ class FusedProjections(nn.Module):
 
     def fuse_projections(self) -> None:
         linears = self._linears()
-        weight = torch.cat([linear.weight.detach() for linear in linears])
+        weights = [linear.weight.detach() for linear in linears]
+        if _consecutive_rows(weights):  # already slices of one buffer (the loader allocates so)
+            weight = weights[0].as_strided((sum(w.shape[0] for w in weights), weights[0].shape[1]),
+                                           weights[0].stride())
+        else:
+            weight = torch.cat(weights)
         row = 0
         for linear in linears:
             linear.weight.data = weight[row:row + linear.out_features]
@@ -140,6 +145,13 @@ class FusedProjections(nn.Module):
             return F.linear(x, self._fused_weight)
         self._fused_weight = None
         return torch.cat([linear(x) for linear in self._linears()], dim=-1)
+
+
+def _consecutive_rows(weights) -> bool:
+    """True when the contiguous weights follow each other in memory, as rows of one tensor."""
+    return all(w.is_contiguous() and w.device == weights[0].device and w.dtype == weights[0].dtype
+               for w in weights) and all(b.data_ptr() == a.data_ptr() + a.nbytes
+                                         for a, b in zip(weights, weights[1:]))
 
 
 class MistralAttention(FusedProjections):
