@@ -530,6 +530,8 @@ void launch_for_head_dim(const AttentionParams& p, int splits, CudaStream stream
 }  // namespace
 
 size_t attention_workspace_bytes(const AttentionParams& p) {
+  check_attention_params(p);
+  if (p.batch == 0 || p.tokens == 0) return 0;  // nothing to launch (and num_splits would divide by 0)
   const int splits = num_splits(p);
   if (splits == 1) return 0;
   const int64_t out_rows = static_cast<int64_t>(p.batch) * p.tokens * p.num_heads;
@@ -550,12 +552,14 @@ void attention_cuda(const AttentionParams& p, CudaStream stream) {
     check_launch("attention");
     return;
   }
-  // cp.async moves 16-byte chunks: every row start must be 16-byte aligned.
-  require(packs_fit<__half>({p.q, p.k, p.v, p.k_cache, p.v_cache}, {p.q_token_stride, p.k_token_stride, p.v_token_stride}),
-          "attention: on CUDA q, k, v and the caches must be 16-byte aligned, with token strides a multiple of 8");
+  // cp.async moves 16-byte chunks: every row start must be 16-byte aligned. The epilogue stores two
+  // elements of out (or two floats of the workspace) at once, so those must be aligned too.
+  require(packs_fit<__half>({p.q, p.k, p.v, p.k_cache, p.v_cache, p.out},
+                            {p.q_token_stride, p.k_token_stride, p.v_token_stride}),
+          "attention: on CUDA q, k, v, the caches and out must be 16-byte aligned, with token strides a multiple of 8");
   const int splits = num_splits(p);
-  require(splits == 1 || p.workspace != nullptr,
-          "attention: the CUDA kernel needs attention_workspace_bytes(p) bytes of workspace");
+  require(splits == 1 || (p.workspace != nullptr && reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0),
+          "attention: the CUDA kernel needs attention_workspace_bytes(p) bytes of 16-byte aligned workspace");
   require(m_blocks(p) * splits <= kMaxGridX && out_rows <= kMaxGridX, "attention: too many query rows for one call on CUDA");
   if (p.dtype == DType::kBFloat16)
     launch_for_head_dim<__nv_bfloat16>(p, splits, stream);
