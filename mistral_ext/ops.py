@@ -43,6 +43,15 @@ def kv_cache_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Ten
     _ops.kv_cache_write_(k_cache, v_cache, key, value, positions)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T over the last dimension (F.linear without bias), fp32 accumulation.
+
+    x [..., K], weight [N, K] contiguous, same dtype and device. Up to 16 rows of x (decode) run
+    our bandwidth-bound kernel; more rows (prefill) go to torch's GEMM.
+    """
+    return _ops.linear(x, weight)
+
+
 @torch.library.register_fake("mistral_ext::rms_norm")
 def _rms_norm_fake(x, weight, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -67,6 +76,11 @@ def _silu_and_mul_fake(x):
 @torch.library.register_fake("mistral_ext::kv_cache_write_")
 def _kv_cache_write_fake(k_cache, v_cache, key, value, positions):
     return None
+
+
+@torch.library.register_fake("mistral_ext::linear")
+def _linear_fake(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("mistral_ext::attention")

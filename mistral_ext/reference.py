@@ -53,6 +53,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (x.float() @ weight.float().T).to(x.dtype)
+
+
 def kv_cache_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, positions: torch.Tensor) -> None:
     capacity = k_cache.shape[1]

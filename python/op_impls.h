@@ -77,6 +77,25 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return out;
 }
 
+// x @ weight^T over the last dimension of input. Up to kLinearMaxRows rows (decode) the product
+// streams the weight once and is bound by memory bandwidth: our kernel. More rows make it a
+// compute-bound GEMM (prefill), the job of the vendor library behind at::linear (MKL / oneDNN on
+// the CPU, cuBLAS on CUDA); the argument checks are the same on both paths.
+template <typename Backend>
+at::Tensor linear(const at::Tensor& input, const at::Tensor& weight) {
+  typename Backend::Guard guard(input);
+  const int64_t rows = check_linear_args(input, weight);
+  if (rows > kLinearMaxRows) return at::linear(input, weight);
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = weight.size(0);
+  at::Tensor out = at::empty(out_shape, input.options().memory_format(at::MemoryFormat::Contiguous));
+  // A view when the leading dimensions flatten to evenly strided rows, else a copy of <= 16 rows.
+  const at::Tensor input_rows = input.reshape({rows, input.size(-1)});
+  const LinearParams p = make_linear_params(input_rows, weight, out);
+  if (p.rows > 0 && p.out_features > 0) Backend::launch(p);
+  return out;
+}
+
 // Registers every op's implementation for one dispatch key.
 template <typename Backend>
 void register_impls(torch::Library& m) {
@@ -86,6 +105,7 @@ void register_impls(torch::Library& m) {
   m.impl("silu_and_mul", &silu_and_mul<Backend>);
   m.impl("kv_cache_write_", &kv_cache_write_<Backend>);
   m.impl("attention", &attention<Backend>);
+  m.impl("linear", &linear<Backend>);
 }
 
 }  // namespace mistral_ext::binding

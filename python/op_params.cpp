@@ -1,4 +1,5 @@
-// Checks and params for the elementwise / normalisation / cache / attention ops (see op_params.h).
+// Checks and params for the elementwise / normalisation / cache / attention / linear ops (see
+// op_params.h).
 #include "op_params.h"
 
 #include <cmath>
@@ -263,6 +264,38 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
   p.cache_lens = cached ? cache_lens->data_ptr<int32_t>() : nullptr;
   p.out = out.data_ptr();
   p.workspace = nullptr;
+  return p;
+}
+
+int64_t check_linear_args(const at::Tensor& input, const at::Tensor& weight) {
+  dtype_tag(input, "input");
+  TORCH_CHECK_VALUE(input.dim() >= 1, "input must have at least 1 dimension");
+  check_same_device(weight, input, "weight", "input");
+  check_same_dtype(weight, input, "weight", "input");
+  check_rank(weight, 2, "weight");
+  const int64_t in_features = input.size(-1);
+  TORCH_CHECK_VALUE(in_features > 0, "input's last dimension (in_features) must be > 0");
+  TORCH_CHECK_VALUE(weight.size(1) == in_features, "weight must have shape [out_features, ", in_features,
+                    "] to match input's last dimension, got ", weight.sizes());
+  check_contiguous(weight, "weight");
+  TORCH_CHECK_VALUE(input.stride(-1) == 1, "input must have a unit stride in its last dimension (strides ",
+                    input.strides(), ")");
+  return input.numel() / in_features;
+}
+
+LinearParams make_linear_params(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out) {
+  LinearParams p{};
+  p.dtype = dtype_tag(input, "input");
+  p.rows = check_linear_args(input, weight);
+  TORCH_CHECK_VALUE(p.rows <= kLinearMaxRows, "input has ", p.rows, " rows; the linear kernel takes at most ",
+                    kLinearMaxRows);
+  p.input_row_stride = row_stride_of(input);
+  TORCH_CHECK_VALUE(p.input_row_stride >= 0, "input must be contiguous or a 2-D tensor with unit column stride");
+  p.in_features = input.size(-1);
+  p.out_features = weight.size(0);
+  p.input = input.data_ptr();
+  p.weight = weight.data_ptr();
+  p.out = out.data_ptr();
   return p;
 }
 

@@ -80,5 +80,11 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
                                       const std::optional<at::Tensor>& v_cache, const at::Tensor& positions,
                                       const std::optional<at::Tensor>& cache_lens, int64_t window, double scale,
                                       at::Tensor& out);
+// Checks input [..., K] (unit inner stride) against weight [N, K] (contiguous): same dtype and
+// device, matching K. Returns the number of rows of input (its leading dimensions flattened).
+int64_t check_linear_args(const at::Tensor& input, const at::Tensor& weight);
+// input: its rows evenly strided (contiguous, or 2-D with a unit inner stride), at most
+// kLinearMaxRows of them; out: [rows, N] contiguous.
+LinearParams make_linear_params(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out);
 
 }  // namespace mistral_ext::binding

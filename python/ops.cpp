@@ -19,6 +19,7 @@ struct CpuBackend {
   static void launch(const KvCacheWriteParams& p) { kv_cache_write_cpu(p); }
   static size_t workspace_bytes(const AttentionParams&) { return 0; }
   static void launch(const AttentionParams& p) { attention_cpu(p); }
+  static void launch(const LinearParams& p) { linear_cpu(p); }
 };
 
 }  // namespace mistral_ext::binding
@@ -31,6 +32,7 @@ TORCH_LIBRARY(mistral_ext, m) {
   m.def("kv_cache_write_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, Tensor positions) -> ()");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? k_cache, Tensor? v_cache, Tensor positions, "
         "Tensor? cache_lens, int window, float scale) -> Tensor");
+  m.def("linear(Tensor input, Tensor weight) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mistral_ext, CPU, m) { mistral_ext::binding::register_impls<mistral_ext::binding::CpuBackend>(m); }

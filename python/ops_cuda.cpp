@@ -24,6 +24,7 @@ struct CudaBackend {
   static void launch(const KvCacheWriteParams& p) { kv_cache_write_cuda(p, stream()); }
   static size_t workspace_bytes(const AttentionParams& p) { return attention_workspace_bytes(p); }
   static void launch(const AttentionParams& p) { attention_cuda(p, stream()); }
+  static void launch(const LinearParams& p) { linear_cuda(p, stream()); }
 };
 
 }  // namespace mistral_ext::binding

@@ -1,5 +1,5 @@
 """The non-attention ops (rms_norm, fused_add_rms_norm, rotary_embedding_, silu_and_mul,
-kv_cache_write_): kernels against mistral_ext.reference, reference against independent math
+kv_cache_write_, linear): kernels against mistral_ext.reference, reference against independent math
 (torch.nn.functional, complex rotation, transformers' RoPE, hand-computed cache slots), schema
 and fake-impl checks (opcheck, torch.compile), and bad input raising errors that name the argument.
 """
@@ -408,3 +408,129 @@ def test_mixed_devices_name_the_argument():
     caches = rand(1, 4, 1, 64, device="cuda"), rand(1, 4, 1, 64, device="cuda")
     with pytest.raises(BAD, match="value"):
         ops.kv_cache_write_(*caches, k, k.cpu(), torch.arange(2, device="cuda")[None])
+
+
+# --------------------------------------------------------------------------------------------
+# linear: our kernel up to 16 rows, torch's GEMM beyond (17 rows), same checks either way
+
+# Products of 16-bit values are exact in fp32, so kernel and reference differ by the fp32
+# summation order (absolute, with terms up to 4 in magnitude and K up to 577) plus, for 16-bit
+# outputs, one rounding step of the result.
+LINEAR_TOL = {
+    torch.float32: dict(atol=2e-4, rtol=1e-5),
+    torch.float16: dict(atol=2e-4, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-4, rtol=1.6e-2),
+}
+LINEAR_ROWS = [1, 3, 16, 17]
+LINEAR_SHAPES = [(577, 1001), (576, 960), (64, 8), (7, 5)]  # in_features K, out_features N
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", LINEAR_ROWS)
+@pytest.mark.parametrize("in_features,out_features", LINEAR_SHAPES)
+def test_linear(device, dtype, rows, in_features, out_features):
+    x = rand(rows, in_features, dtype=dtype, device=device)
+    w = rand(out_features, in_features, dtype=dtype, device=device)
+    out = ops.linear(x, w)
+    assert out.shape == (rows, out_features) and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out, reference.linear(x, w), **LINEAR_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", LINEAR_ROWS)
+def test_linear_strided_rows(device, dtype, rows):
+    wide = rand(rows, 577 + 9, dtype=dtype, device=device)
+    x = wide[:, 3:3 + 577]  # rows of a wider tensor: row stride 586, misaligned start
+    w = rand(1001, 577, dtype=dtype, device=device)
+    torch.testing.assert_close(ops.linear(x, w), reference.linear(x, w), **LINEAR_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make_input", [
+    lambda t, dev: rand(2, 3, 65, dtype=t, device=dev),                       # 6 rows
+    lambda t, dev: rand(1, 1, 65, dtype=t, device=dev),                       # decode at batch 1
+    lambda t, dev: rand(65, dtype=t, device=dev),                             # a single vector
+    lambda t, dev: rand(3, 5, 65 + 4, dtype=t, device=dev)[..., 2:67],        # 15 evenly strided rows
+    lambda t, dev: rand(3, 2, 65, dtype=t, device=dev).transpose(0, 1),       # rows not evenly strided
+    lambda t, dev: rand(2, 9, 65, dtype=t, device=dev),                       # 18 rows: torch's GEMM
+], ids=["3d", "decode", "1d", "strided-3d", "transposed", "3d-fallback"])
+def test_linear_leading_dims(device, dtype, make_input):
+    x = make_input(dtype, device)
+    w = rand(33, 65, dtype=dtype, device=device)
+    out = ops.linear(x, w)
+    assert out.shape == (*x.shape[:-1], 33) and out.is_contiguous()
+    torch.testing.assert_close(out, reference.linear(x, w), **LINEAR_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_linear_unaligned_weight(device, dtype, rows):
+    storage = rand(300 * 576 + 1, dtype=dtype, device=device)
+    w = storage[1:].view(300, 576)  # contiguous, but not 16-byte aligned: the CUDA kernel's scalar path
+    x = rand(rows, 576, dtype=dtype, device=device)
+    torch.testing.assert_close(ops.linear(x, w), reference.linear(x, w), **LINEAR_TOL[dtype])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,in_features", [(16, 4096), (16, 4100), (5, 3000), (1, 20000)])
+def test_linear_cuda_long_rows(dtype, rows, in_features):
+    """K beyond what one shared-memory chunk of x holds (64 KB), packed and scalar paths."""
+    x = rand(rows, in_features, dtype=dtype, device="cuda")
+    w = rand(300, in_features, dtype=dtype, device="cuda")
+    tol = dict(LINEAR_TOL[dtype], atol=2e-6 * in_features)  # fp32 summation order over a longer K
+    torch.testing.assert_close(ops.linear(x, w), reference.linear(x, w), **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_empty(device):
+    x, w = rand(0, 16, device=device), rand(8, 16, device=device)
+    assert ops.linear(x, w).shape == (0, 8)
+    assert ops.linear(rand(3, 16, device=device), w[:0]).shape == (3, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [1, 16, 17])
+def test_linear_opcheck(device, rows):
+    x = rand(rows, 33, device=device)
+    torch.library.opcheck(torch.ops.mistral_ext.linear.default, (x, rand(20, 33, device=device)))
+    torch.library.opcheck(torch.ops.mistral_ext.linear.default, (x.view(1, rows, 33), rand(20, 33, device=device)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_linear_matches_functional(dtype):
+    x, w = rand(4, 7, 33, dtype=dtype), rand(12, 33, dtype=dtype)
+    want = F.linear(x.double(), w.double()).to(dtype)
+    torch.testing.assert_close(reference.linear(x, w), want, **LINEAR_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [3, 17])  # both our kernel and torch's GEMM path
+def test_linear_bad_input(device, rows):
+    x, w = rand(rows, 16, device=device), rand(8, 16, device=device)
+    for args, name in [
+        ((x, rand(8, 15, device=device)), "weight"),               # K mismatch
+        ((x, w.bfloat16()), "weight"),                             # dtype mismatch
+        ((x, rand(8, 16, 1, device=device)), "weight"),            # not 2-D
+        ((x, rand(8, device=device)), "weight"),
+        ((x, rand(16, 8, device=device).t()), "weight"),           # not contiguous
+        ((x.int(), w.int()), "input"),                             # not a float dtype
+        ((rand(16, rows, device=device).t(), w), "input"),         # inner stride != 1
+        ((torch.tensor(1.0, device=device), w), "input"),          # no dimension
+        ((rand(rows, 0, device=device), rand(8, 0, device=device)), "input"),  # K = 0
+    ]:
+        with pytest.raises(BAD, match=name):
+            ops.linear(*args)
+
+
+@requires_cuda
+@pytest.mark.parametrize("rows", [3, 17])
+def test_linear_mixed_devices_name_the_argument(rows):
+    with pytest.raises(BAD, match="weight"):
+        ops.linear(rand(rows, 16, device="cuda"), rand(8, 16))
+    with pytest.raises(BAD, match="input"):
+        ops.linear(rand(rows, 16), rand(8, 16, device="cuda"))

@@ -158,6 +158,25 @@ struct AttentionParams {
 };
 void attention_cpu(const AttentionParams& p);
 
+// ---------------------------------------------------------------------------------------------
+// Linear layer without bias for a few input rows (decode): out[m, n] = sum_k x[m, k] * weight[n, k]
+// (x @ weight^T, like torch's F.linear), fp32 accumulation, rounded once to dtype. Input, weight
+// and out share the dtype. The kernels stream every weight element once, at memory bandwidth;
+// they take at most kLinearMaxRows input rows (more rows make the product compute-bound, the
+// work of a vendor GEMM).
+inline constexpr int64_t kLinearMaxRows = 16;
+struct LinearParams {
+  DType dtype;
+  int64_t rows;             // M, at most kLinearMaxRows
+  int64_t in_features;      // K
+  int64_t out_features;     // N
+  const void* input;        // [rows, in_features], row stride input_row_stride
+  int64_t input_row_stride;
+  const void* weight;       // [out_features, in_features], contiguous
+  void* out;                // [rows, out_features], contiguous
+};
+void linear_cpu(const LinearParams& p);
+
 #ifdef MISTRAL_EXT_WITH_CUDA
 void rms_norm_cuda(const RmsNormParams& p, CudaStream stream);
 void fused_add_rms_norm_cuda(const FusedAddRmsNormParams& p, CudaStream stream);
@@ -167,6 +186,7 @@ void kv_cache_write_cuda(const KvCacheWriteParams& p, CudaStream stream);
 // Scratch the CUDA attention needs for split-KV partial results (depends on sizes only).
 size_t attention_workspace_bytes(const AttentionParams& p);
 void attention_cuda(const AttentionParams& p, CudaStream stream);
+void linear_cuda(const LinearParams& p, CudaStream stream);
 #endif
 
 }  // namespace mistral_ext
