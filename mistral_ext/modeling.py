@@ -11,6 +11,9 @@ set_kernel_backend):
     h, residual = fused_add_rms_norm(a @ W_o, residual)
     x           = silu_and_mul(h @ W_gate|up) @ W_down
 
+Every matmul goes through ops.linear: our bandwidth-bound GEMV kernel for the few rows of a
+decode step, the vendor GEMM for prefill.
+
 Positions, not a mask, say what attends to what: position_ids, or cumsum(attention_mask) - 1
 over the whole [past + new] mask (transformers' generate rule), with padding marked -1. A decode
 step therefore reads no value on the host, loops over no heads, builds no [seq x seq] mask and
@@ -139,12 +142,12 @@ class FusedProjections(nn.Module):
             self.fuse_projections()
         return self
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, ops) -> torch.Tensor:
         """[..., in] -> [..., sum of the projections' out_features], projections side by side."""
         if self._is_fused():
-            return F.linear(x, self._fused_weight)
+            return ops.linear(x, self._fused_weight)
         self._fused_weight = None
-        return torch.cat([linear(x) for linear in self._linears()], dim=-1)
+        return torch.cat([ops.linear(x, linear.weight) for linear in self._linears()], dim=-1)
 
 
 def _consecutive_rows(weights) -> bool:
@@ -176,7 +179,7 @@ class MistralAttention(FusedProjections):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Optional[RollingCache], ops) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        q, k, v = self.project(x).split(self.split_sizes, dim=-1)
+        q, k, v = self.project(x, ops).split(self.split_sizes, dim=-1)
         q = q.view(batch, tokens, self.num_heads, self.head_dim)
         k = k.view(batch, tokens, self.num_kv_heads, self.head_dim)
         v = v.view(batch, tokens, self.num_kv_heads, self.head_dim)
@@ -188,7 +191,7 @@ class MistralAttention(FusedProjections):
             out = ops.attention(q, k, v, k_cache, v_cache, positions, cache.cache_lens,
                                 self.sliding_window, self.scaling)
             ops.kv_cache_write_(k_cache, v_cache, k, v, positions)
-        return self.o_proj(out.reshape(batch, tokens, -1))
+        return ops.linear(out.reshape(batch, tokens, -1), self.o_proj.weight)
 
 
 class MistralMLP(FusedProjections):
@@ -202,7 +205,7 @@ class MistralMLP(FusedProjections):
         self.fuse_projections()
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.project(x)))
+        return ops.linear(ops.silu_and_mul(self.project(x, ops)), self.down_proj.weight)
 
 
 class MistralDecoderLayer(nn.Module):
@@ -506,7 +509,7 @@ class MistralForCausalLM(MistralPreTrainedModel, GenerationMixin):
                              _trusted_input_ids=_trusted_input_ids)
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep])
+        logits = _BACKENDS[self.model.kernel_backend].linear(hidden[:, keep], self.lm_head.weight)
         loss = None if labels is None else causal_lm_loss(logits, labels.to(logits.device))
         out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                      hidden_states=outputs.hidden_states)
