@@ -15,13 +15,12 @@ pass: one call per copy, or one step.
 """
 import argparse
 import math
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from mistral_ext import ops
+from mistral_ext.bench_attention import time_cpu, time_cuda
 
 # name, layers, per-layer (projection, out_features, in_features), the LM head (fused q|k|v and
 # gate|up projections, as the model runs them).
@@ -38,21 +37,7 @@ ROWS = (1, 16)
 
 
 def median_seconds(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return (time_cuda if device == "cuda" else time_cpu)(fn, repeats)
 
 
 def cycle(linear, pairs):

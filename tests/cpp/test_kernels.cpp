@@ -421,16 +421,6 @@ void test_kv_cache_write_cuda(DType d) {
 
 #endif  // MISTRAL_EXT_WITH_CUDA
 
-void run(const char* name, const std::function<void()>& test) {
-  const int before = failures;
-  try {
-    test();
-  } catch (const std::exception& e) {
-    expect(false, std::string(name) + ": unexpected exception: " + e.what());
-  }
-  std::printf("%-4s %s\n", failures == before ? "ok" : "FAIL", name);
-}
-
 }  // namespace
 
 int main() {

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -114,6 +115,17 @@ inline void expect_close(const std::string& what, const Values& got, const std::
   std::snprintf(detail, sizeof(detail), ": %lld of %zu values off, first at %lld: got %.8g, want %.8g",
                 static_cast<long long>(bad), want.size(), static_cast<long long>(first), got.get(first), want[first]);
   expect(false, what + detail);
+}
+
+// Runs one named test, counting an unexpected exception as a failure, and prints ok / FAIL.
+inline void run(const char* name, const std::function<void()>& test) {
+  const int before = failures;
+  try {
+    test();
+  } catch (const std::exception& e) {
+    expect(false, std::string(name) + ": unexpected exception: " + e.what());
+  }
+  std::printf("%-4s %s\n", failures == before ? "ok" : "FAIL", name);
 }
 
 #ifdef MISTRAL_EXT_WITH_CUDA
