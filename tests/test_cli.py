@@ -194,7 +194,8 @@ def test_cuda_device_without_gpu(capsys, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # Real processes
 def run_process(*args, stdin=b""):
-    return subprocess.run([sys.executable, "-m", "mistral_ext.cli", *args], input=stdin, capture_output=True,
+    """`python -m mistral_ext`, as the README's quick start runs it."""
+    return subprocess.run([sys.executable, "-m", "mistral_ext", *args], input=stdin, capture_output=True,
                           timeout=300)
 
 

@@ -1,0 +1,4 @@
+"""`python -m mistral_ext ...` is the `mistral-ext` command line."""
+from .cli import main
+
+raise SystemExit(main())
