@@ -2,6 +2,7 @@
 // device (CpuBackend in ops.cpp, CudaBackend in ops_cuda.cpp). Backend provides
 //   struct Guard { explicit Guard(const at::Tensor&); };   // device guard for the call
 //   static void launch(const XxxParams&);                  // one overload per op
+//   static int64_t linear_max_rows(at::ScalarType);        // rows up to which our GEMV wins
 #pragma once
 
 #include <tuple>
@@ -77,15 +78,15 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return out;
 }
 
-// x @ weight^T over the last dimension of input. Up to kLinearMaxRows rows (decode) the product
-// streams the weight once and is bound by memory bandwidth: our kernel. More rows make it a
-// compute-bound GEMM (prefill), the job of the vendor library behind at::linear (MKL / oneDNN on
-// the CPU, cuBLAS on CUDA); the argument checks are the same on both paths.
+// x @ weight^T over the last dimension of input. Up to Backend::linear_max_rows rows (decode) the
+// product streams the weight once and is bound by memory bandwidth: our kernel. More rows make it
+// a compute-bound GEMM (prefill), the job of the vendor library behind at::linear (MKL / oneDNN
+// on the CPU, cuBLAS on CUDA); the argument checks are the same on both paths.
 template <typename Backend>
 at::Tensor linear(const at::Tensor& input, const at::Tensor& weight) {
   typename Backend::Guard guard(input);
   const int64_t rows = check_linear_args(input, weight);
-  if (rows > kLinearMaxRows) return at::linear(input, weight);
+  if (rows > Backend::linear_max_rows(input.scalar_type())) return at::linear(input, weight);
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = weight.size(0);
   at::Tensor out = at::empty(out_shape, input.options().memory_format(at::MemoryFormat::Contiguous));

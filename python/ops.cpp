@@ -20,6 +20,9 @@ struct CpuBackend {
   static size_t workspace_bytes(const AttentionParams&) { return 0; }
   static void launch(const AttentionParams& p) { attention_cpu(p); }
   static void launch(const LinearParams& p) { linear_cpu(p); }
+  // Measured on a 2-core AVX-512 CPU (docs/RESULTS.md): our AVX2 kernel beats the vendor GEMM up
+  // to 16 rows in fp32, but in bf16/fp16 only up to 4 (the vendor uses the CPU's bf16 dot units).
+  static int64_t linear_max_rows(at::ScalarType dtype) { return dtype == at::kFloat ? kLinearMaxRows : 4; }
 };
 
 }  // namespace mistral_ext::binding

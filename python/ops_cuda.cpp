@@ -25,6 +25,7 @@ struct CudaBackend {
   static size_t workspace_bytes(const AttentionParams& p) { return attention_workspace_bytes(p); }
   static void launch(const AttentionParams& p) { attention_cuda(p, stream()); }
   static void launch(const LinearParams& p) { linear_cuda(p, stream()); }
+  static int64_t linear_max_rows(at::ScalarType) { return kLinearMaxRows; }
 };
 
 }  // namespace mistral_ext::binding
