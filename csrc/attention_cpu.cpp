@@ -5,11 +5,25 @@
 // A work item is (row b, kv head, block of query tokens); its rows are the queries of every head
 // sharing that kv head, so each block of keys is converted to fp32 once and serves all of them.
 // Only the key span that can fall inside the block's windows is visited (attention_key_span):
-// keys far outside the window are never read. Items run in parallel over OpenMP threads. The fp32
-// scratch is per thread and kept across calls, so a decode step allocates nothing.
+// keys far outside the window are never read. Items run in parallel over OpenMP threads. When
+// there are fewer items than threads can share evenly (a decode step: one item per kv head),
+// each item's key span is also split into parts that run in parallel, and the parts' partial
+// (max, sum, acc) are merged afterwards, as in flash-decoding. The fp32 scratch is per thread and
+// kept across calls.
+//
+// The arithmetic works on tiles of kRowTile = 4 query rows, so every key and value element loaded
+// serves four rows: scores come from four-row x two-key dot products, and the weighted sum of
+// values from four-row x two-vector register tiles; exp is a polynomial on vectors. As in
+// linear_cpu.cpp, this is compiled for the baseline ISA (4-float vectors) and for AVX2 + FMA
+// (8-float vectors), chosen at run time: the library is not built with -march=native.
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -19,149 +33,264 @@
 namespace mistral_ext {
 namespace {
 
-constexpr int kKeyBlock = 64;    // keys converted to fp32 at a time
-constexpr int kTargetRows = 64;  // query rows (tokens x heads of one kv head) per work item
+// Everything on the per-part path is always inlined (MISTRAL_EXT_INLINE) into its two entry
+// points (attend_part_*), so that it is compiled (and vectorised) for the ISA of the entry point
+// it lands in.
+
+constexpr int kKeyBlock = 64;                 // keys converted to fp32 and scored at a time
+constexpr int kTargetRows = 64;               // query rows (tokens x heads of one kv head) per item
+constexpr int kRowTile = 4;                   // query rows computed together (rows are padded to it)
+constexpr int64_t kMinPartKeys = 4 * kKeyBlock;  // below this a part's fixed costs outweigh the balance
+constexpr int kMaxParts = 16;                    // bounds the merge's per-part arrays
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-template <typename U>
+// Per-thread scratch kept across calls; each use has its own slot.
+enum class Slot { kQueries, kQueryPositions, kState, kParts };
+template <Slot S, typename U>
 U* thread_scratch(size_t size) {
   thread_local std::vector<U> scratch;
   if (scratch.size() < size) scratch.resize(size);
   return scratch.data();
 }
 
+int round_up_rows(int rows) { return (rows + kRowTile - 1) / kRowTile * kRowTile; }
+
+// Online-softmax state of an item's rows: acc [rows, d], running max and sum [rows].
+struct RowState {
+  float* acc;
+  float* max;
+  float* sum;
+};
+
+size_t state_floats(int rows, int d) { return static_cast<size_t>(rows) * (d + 2); }
+
+RowState state_at(float* base, int rows, int d) {
+  float* max = base + static_cast<size_t>(rows) * d;
+  return {base, max, max + rows};
+}
+
 template <typename T>
-void to_float_row(const T* src, float* dst, int n, float factor) {
+MISTRAL_EXT_INLINE void to_float_row(const T* src, float* dst, int n, float factor) {
   for (int i = 0; i < n; ++i) dst[i] = to_float(src[i]) * factor;
 }
 
-// q . k for four keys at once: four independent sums, and each q element loaded once.
-void dot4(const float* q, const float* const* k, int d, float* out) {
-  const float *k0 = k[0], *k1 = k[1], *k2 = k[2], *k3 = k[3];
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int i = 0; i < d; ++i) {
-    s0 += q[i] * k0[i];
-    s1 += q[i] * k1[i];
-    s2 += q[i] * k2[i];
-    s3 += q[i] * k3[i];
+// L floats (or int32s) in one vector register: L = 4 for the baseline ISA (SSE2, NEON), 8 for
+// AVX2. aligned(4): loads and stores through them need not be aligned. The hot loops are written
+// with vector types rather than left to the auto-vectoriser, which keeps the register tiles
+// below in memory.
+template <int L>
+struct Vec {
+  typedef float F __attribute__((vector_size(4 * L), aligned(4)));
+  typedef int32_t I __attribute__((vector_size(4 * L), aligned(4)));
+};
+// Vectors only pass between always-inlined functions: no ABI is involved.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// e^x for x <= 0 (scores minus their running max) to a few ulp: a polynomial on vectors, as the
+// softmax spends more time here than anywhere but the dot products. Below -87 it stays at
+// e^-87 ~ 1e-38, which no sum can tell from 0.
+template <int L, typename VF = typename Vec<L>::F>
+MISTRAL_EXT_INLINE VF exp_nonpositive(VF x) {
+  x = x > -87.f ? x : VF{} - 87.f;
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const VF n = (x * 1.44269504f + kRound) - kRound;
+  const VF r = x - n * 0.693145751953125f - n * 1.428606765330187e-6f;  // x - n ln 2, in two parts
+  VF poly = VF{} + 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.f;
+  const auto two_n_bits = (__builtin_convertvector(n, typename Vec<L>::I) + 127) << 23;
+  VF two_n;
+  std::memcpy(&two_n, &two_n_bits, sizeof(two_n));
+  return poly * two_n;
+}
+
+template <int L, typename VF = typename Vec<L>::F>
+MISTRAL_EXT_INLINE float horizontal_sum(VF x) {  // pairwise: short dependency chains
+  for (int width = L / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) x[i] += x[i + width];
+  return x[0];
+}
+
+// s[r][j], s[r][j + 1] = q_r . k_j, q_r . k_j1 for the kRowTile rows of q ([kRowTile, d]): each
+// key element loaded serves four rows, each query element two keys.
+template <int L>
+MISTRAL_EXT_INLINE void score_tile(const float* q, int d, const float* k_j, const float* k_j1,
+                                   float (*s)[kKeyBlock], int j) {
+  using VF = typename Vec<L>::F;
+  VF a[kRowTile], b[kRowTile];
+  for (int r = 0; r < kRowTile; ++r) a[r] = b[r] = VF{};
+  int i = 0;
+  for (; i + L <= d; i += L) {
+    const VF x = *reinterpret_cast<const VF*>(k_j + i), y = *reinterpret_cast<const VF*>(k_j1 + i);
+    for (int r = 0; r < kRowTile; ++r) {
+      const VF q_ri = *reinterpret_cast<const VF*>(q + r * d + i);
+      a[r] += q_ri * x;
+      b[r] += q_ri * y;
+    }
   }
-  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+  for (int r = 0; r < kRowTile; ++r) {
+    float sa = horizontal_sum<L>(a[r]), sb = horizontal_sum<L>(b[r]);
+    for (int t = i; t < d; ++t) sa += q[r * d + t] * k_j[t], sb += q[r * d + t] * k_j1[t];
+    s[r][j] = sa, s[r][j + 1] = sb;
+  }
 }
 
-float dot(const float* a, const float* b, int d) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int i = 0; i < d; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
-// acc[0, d) += sum_j weight[j] * v[j][0, d), in chunks of 16 elements kept in registers over
-// the keys (instead of reading and writing acc once per key). Keys of weight 0 (masked) are
-// skipped: their v may be any data.
-void accumulate_weighted(float* acc, const float* weight, const float* const* v, int n, int d) {
-  constexpr int kChunk = 16;
-  int i0 = 0;
-  for (; i0 + kChunk <= d; i0 += kChunk) {
-    float a[kChunk];
-    for (int u = 0; u < kChunk; ++u) a[u] = acc[i0 + u];
+// acc[r][0, d) += sum_j w[r][j] * v[j][0, d) for the kRowTile rows of acc ([kRowTile, d]), in
+// register tiles of kRowTile rows x kColTile columns: each value element loaded serves four
+// rows. Masked keys have weight 0 (their values are finite: padding keys point at zeros).
+template <int L>
+MISTRAL_EXT_INLINE void accumulate_tile(float* acc, int d, const float (*w)[kKeyBlock], const float* const* v,
+                                        int n) {
+  using VF = typename Vec<L>::F;
+  constexpr int kTileVecs = 2;  // vectors per row: 8 accumulators, all in registers
+  constexpr int kColTile = kTileVecs * L;
+  int c0 = 0;
+  for (; c0 + kColTile <= d; c0 += kColTile) {
+    VF a[kRowTile][kTileVecs];
+    for (int r = 0; r < kRowTile; ++r)
+      for (int u = 0; u < kTileVecs; ++u) a[r][u] = *reinterpret_cast<const VF*>(acc + r * d + c0 + u * L);
     for (int j = 0; j < n; ++j) {
-      if (weight[j] == 0.f) continue;
-      const float w = weight[j];
-      const float* v_j = v[j] + i0;
-      for (int u = 0; u < kChunk; ++u) a[u] += w * v_j[u];
+      VF v_j[kTileVecs];
+      for (int u = 0; u < kTileVecs; ++u) v_j[u] = *reinterpret_cast<const VF*>(v[j] + c0 + u * L);
+      for (int r = 0; r < kRowTile; ++r)
+        for (int u = 0; u < kTileVecs; ++u) a[r][u] += w[r][j] * v_j[u];
     }
-    for (int u = 0; u < kChunk; ++u) acc[i0 + u] = a[u];
+    for (int r = 0; r < kRowTile; ++r)
+      for (int u = 0; u < kTileVecs; ++u) *reinterpret_cast<VF*>(acc + r * d + c0 + u * L) = a[r][u];
   }
-  for (int j = 0; j < n && i0 < d; ++j) {
-    if (weight[j] == 0.f) continue;
-    for (int i = i0; i < d; ++i) acc[i] += weight[j] * v[j][i];
-  }
+  for (; c0 < d; ++c0)  // the last d % kColTile columns
+    for (int r = 0; r < kRowTile; ++r) {
+      float sum = acc[r * d + c0];
+      for (int j = 0; j < n; ++j) sum += w[r][j] * v[j][c0];
+      acc[r * d + c0] = sum;
+    }
 }
 
-// Online-softmax update of every query row with one block of n keys (fp32 rows k[j], v[j] at
-// positions key_pos[j]). Row r: query q[r] (already scaled) at position query_pos[r].
-void attend_key_block(const float* q, const int64_t* query_pos, int rows, int d, const float* const* k,
-                      const float* const* v, const int64_t* key_pos, int n, int32_t window, float* acc,
-                      float* running_max, float* running_sum) {
-  float scores[kKeyBlock];
-  for (int r = 0; r < rows; ++r) {
-    if (query_pos[r] < 0) continue;
-    const float* q_r = q + static_cast<size_t>(r) * d;
-    int j = 0;
-    for (; j + 4 <= n; j += 4) dot4(q_r, k + j, d, scores + j);
-    for (; j < n; ++j) scores[j] = dot(q_r, k[j], d);
-    float block_max = kNegInf;
-    for (j = 0; j < n; ++j) {
-      if (!key_visible(query_pos[r], key_pos[j], window)) scores[j] = kNegInf;
-      block_max = std::max(block_max, scores[j]);
-    }
-    if (block_max == kNegInf) continue;
-    const float new_max = std::max(running_max[r], block_max);
-    float* acc_r = acc + static_cast<size_t>(r) * d;
-    const float rescale = std::exp(running_max[r] - new_max);  // 0 for the first visible block
-    if (rescale != 1.f)
-      for (int i = 0; i < d; ++i) acc_r[i] *= rescale;
-    float sum = running_sum[r] * rescale;
-    for (j = 0; j < n; ++j) {  // scores become weights; masked keys get exactly 0
-      scores[j] = scores[j] == kNegInf ? 0.f : std::exp(scores[j] - new_max);
-      sum += scores[j];
-    }
-    accumulate_weighted(acc_r, scores, v, n, d);
-    running_sum[r] = sum;
-    running_max[r] = new_max;
+// Online-softmax update of row r's state with its scores s[0, n) against keys at key_pos; the
+// scores become the weights (masked keys exactly 0). s has room for n rounded up to L.
+// all_visible: every key of the block is inside this row's window (no masking needed).
+template <int L>
+MISTRAL_EXT_INLINE void softmax_update(float* s, int64_t query_pos, const int64_t* key_pos, int n, int32_t window,
+                                       bool all_visible, int d, float* acc_r, float* running_max,
+                                       float* running_sum) {
+  using VF = typename Vec<L>::F;
+  const int n_vec = (n + L - 1) / L * L;
+  for (int j = n; j < n_vec; ++j) s[j] = kNegInf;
+  if (!all_visible)
+    for (int j = 0; j < n; ++j) s[j] = key_visible(query_pos, key_pos[j], window) ? s[j] : kNegInf;
+  VF lane_max = VF{} + kNegInf;
+  for (int j = 0; j < n_vec; j += L) {
+    const VF s_j = *reinterpret_cast<const VF*>(s + j);
+    lane_max = s_j > lane_max ? s_j : lane_max;
   }
-}
-
-// Queries of tokens [t_begin, t_end) of row b for the heads of kv_head. Row r of the block is
-// token t_begin + r / group, head kv_head * group + r % group (the output's own order).
-template <typename T>
-void attend_block(const AttentionParams& p, int32_t b, int32_t kv_head, int32_t t_begin, int32_t t_end) {
-  const int group = p.num_heads / p.num_kv_heads;
-  const int d = p.head_dim;
-  const int rows = (t_end - t_begin) * group;
-  const int64_t* positions = p.positions + static_cast<int64_t>(b) * p.tokens;
-  const int64_t first_row_elem = ((static_cast<int64_t>(b) * p.tokens + t_begin) * p.num_heads + kv_head * group) * d;
-  auto out_row = [&](int r) {
-    return static_cast<T*>(p.out) + first_row_elem + (static_cast<int64_t>(r / group) * p.num_heads + r % group) * d;
-  };
-  if (positions[t_end - 1] < 0) {  // padding comes first: the whole block is padding
-    for (int r = 0; r < rows; ++r) std::fill(out_row(r), out_row(r) + d, from_float<T>(0.f));
+  float block_max = kNegInf;
+  for (int i = 0; i < L; ++i) block_max = std::max(block_max, lane_max[i]);
+  if (block_max == kNegInf) {  // nothing visible (or a padding query): the state stays as it was
+    std::fill(s, s + n, 0.f);
     return;
   }
-  const KeySpan span = attention_key_span(p, b, t_begin, t_end - 1);
+  const float new_max = std::max(*running_max, block_max);
+  // ~0 (e^-87) for the row's first visible block, whose acc and sum are still 0.
+  const float rescale = exp_nonpositive<L>(VF{} + (*running_max - new_max))[0];
+  if (rescale != 1.f)
+    for (int i = 0; i < d; ++i) acc_r[i] *= rescale;
+  VF sum{};
+  for (int j = 0; j < n_vec; j += L) {
+    VF& s_j = *reinterpret_cast<VF*>(s + j);
+    s_j = s_j == kNegInf ? VF{} : exp_nonpositive<L>(s_j - new_max);
+    sum += s_j;
+  }
+  *running_sum = *running_sum * rescale + horizontal_sum<L>(sum);
+  *running_max = new_max;
+}
+
+// Online-softmax update of every row with one block of n keys (fp32 rows k[j], v[j] at positions
+// key_pos[j]; k has kKeyBlock entries, those past n any readable row). Row r: query q[r]
+// (already scaled) at position query_pos[r]; rows is a multiple of kRowTile.
+template <int L>
+MISTRAL_EXT_INLINE void attend_key_block(const float* q, const int64_t* query_pos, int rows, int d,
+                                         const float* const* k, const float* const* v, const int64_t* key_pos,
+                                         int n, int32_t window, const RowState& st) {
+  float scores[kRowTile][kKeyBlock];
+  // Key positions increase along the block unless it holds padding (negative positions, which
+  // may follow the cached keys).
+  const bool no_padding = std::all_of(key_pos, key_pos + n, [](int64_t pos) { return pos >= 0; });
+  auto all_visible = [&](int64_t query_pos) {
+    return no_padding && key_pos[n - 1] <= query_pos && (window <= 0 || key_pos[0] > query_pos - window);
+  };
+  for (int r0 = 0; r0 < rows; r0 += kRowTile) {
+    const float* q_tile = q + static_cast<size_t>(r0) * d;
+    for (int j = 0; j < n; j += 2) score_tile<L>(q_tile, d, k[j], k[j + 1], scores, j);
+    for (int r = r0; r < r0 + kRowTile; ++r)
+      softmax_update<L>(scores[r - r0], query_pos[r], key_pos, n, window, all_visible(query_pos[r]), d,
+                        st.acc + static_cast<size_t>(r) * d, st.max + r, st.sum + r);
+    accumulate_tile<L>(st.acc + static_cast<size_t>(r0) * d, d, scores, v, n);
+  }
+}
+
+// Queries of tokens [t_begin, t_end) of row b for the heads of kv_head. Row r of the item is
+// token t_begin + r / group, head kv_head * group + r % group (the output's own order), padded
+// with rows that see nothing up to a multiple of kRowTile.
+struct Item {
+  int32_t b, kv_head, t_begin, t_end;
+};
+
+// Attends the item's rows to part `part` of `parts` equal parts of its key span, leaving the
+// unnormalised result in st.
+template <typename T, int L>
+MISTRAL_EXT_INLINE void attend_part(const AttentionParams& p, const Item& it, int part, int parts, const RowState& st) {
+  const int group = p.num_heads / p.num_kv_heads;
+  const int d = p.head_dim;
+  const int rows = round_up_rows((it.t_end - it.t_begin) * group);
+  std::fill(st.acc, st.acc + static_cast<size_t>(rows) * d, 0.f);
+  std::fill(st.max, st.max + rows, kNegInf);
+  std::fill(st.sum, st.sum + rows, 0.f);
+  const int64_t* positions = p.positions + static_cast<int64_t>(it.b) * p.tokens;
+  if (positions[it.t_end - 1] < 0) return;  // padding comes first: the whole item is padding
+  const KeySpan span = attention_key_span(p, it.b, it.t_begin, it.t_end - 1);
+  const int64_t span_keys = span.end - span.begin;
+  const int32_t j_begin = span.begin + static_cast<int32_t>(span_keys * part / parts);
+  const int32_t j_end = span.begin + static_cast<int32_t>(span_keys * (part + 1) / parts);
 
   constexpr bool kConvert = !std::is_same_v<T, float>;  // fp32 keys are read in place
-  float* q = thread_scratch<float>(static_cast<size_t>(rows) * (2 * d + 2) + (kConvert ? 2 * kKeyBlock * d : 0));
-  float* acc = q + static_cast<size_t>(rows) * d;            // [rows, d]
-  float* running_max = acc + static_cast<size_t>(rows) * d;  // [rows]
-  float* running_sum = running_max + rows;                   // [rows]
-  float* k_buffer = running_sum + rows;                      // [kKeyBlock, d] when converting
-  float* v_buffer = k_buffer + kKeyBlock * d;                // [kKeyBlock, d] when converting
-  int64_t* query_pos = thread_scratch<int64_t>(rows);        // [rows]
+  float* q = thread_scratch<Slot::kQueries, float>(static_cast<size_t>(rows + 1) * d +
+                                                  (kConvert ? 2 * kKeyBlock * d : 0));
+  float* zeros = q + static_cast<size_t>(rows) * d;  // [d]: k and v of padding keys
+  float* k_buffer = zeros + d;                       // [kKeyBlock, d] when converting
+  float* v_buffer = k_buffer + kKeyBlock * d;        // [kKeyBlock, d] when converting
+  int64_t* query_pos = thread_scratch<Slot::kQueryPositions, int64_t>(rows);  // [rows]
   const T* q_in = static_cast<const T*>(p.q);
+  const int real_rows = (it.t_end - it.t_begin) * group;
+  std::fill(zeros, zeros + d, 0.f);
   for (int r = 0; r < rows; ++r) {
-    const int64_t token = static_cast<int64_t>(b) * p.tokens + t_begin + r / group;
-    to_float_row(q_in + token * p.q_token_stride + static_cast<int64_t>(kv_head * group + r % group) * d,
-                 q + static_cast<size_t>(r) * d, d, p.scale);
-    query_pos[r] = positions[t_begin + r / group];
+    float* q_r = q + static_cast<size_t>(r) * d;
+    if (r >= real_rows) {
+      std::fill(q_r, q_r + d, 0.f);
+      query_pos[r] = -1;
+      continue;
+    }
+    const int64_t token = static_cast<int64_t>(it.b) * p.tokens + it.t_begin + r / group;
+    to_float_row(q_in + token * p.q_token_stride + static_cast<int64_t>(it.kv_head * group + r % group) * d, q_r, d,
+                 p.scale);
+    query_pos[r] = positions[it.t_begin + r / group];
   }
-  std::fill(acc, acc + static_cast<size_t>(rows) * d, 0.f);
-  std::fill(running_max, running_max + rows, kNegInf);
-  std::fill(running_sum, running_sum + rows, 0.f);
 
   int64_t key_pos[kKeyBlock];
   const float* k_rows[kKeyBlock];
   const float* v_rows[kKeyBlock];
-  for (int32_t j0 = span.begin; j0 < span.end; j0 += kKeyBlock) {
-    const int n = std::min(kKeyBlock, span.end - j0);
+  for (int32_t j0 = j_begin; j0 < j_end; j0 += kKeyBlock) {
+    const int n = std::min(kKeyBlock, j_end - j0);
     for (int j = 0; j < n; ++j) {
-      key_pos[j] = key_position(p, span, b, j0 + j);
-      if (key_pos[j] < 0) {  // padding: no query sees it; any readable row does (weight 0)
-        k_rows[j] = v_rows[j] = q;
+      key_pos[j] = key_position(p, span, it.b, j0 + j);
+      if (key_pos[j] < 0) {  // padding: no query sees it; a finite row keeps its weight 0 exact
+        k_rows[j] = v_rows[j] = zeros;
         continue;
       }
-      const KeyRow<T> row = key_row<T>(p, span, b, kv_head, j0 + j);
+      const KeyRow<T> row = key_row<T>(p, span, it.b, it.kv_head, j0 + j);
       if constexpr (kConvert) {
         to_float_row(row.k, k_buffer + j * d, d, 1.f);
         to_float_row(row.v, v_buffer + j * d, d, 1.f);
@@ -172,13 +301,61 @@ void attend_block(const AttentionParams& p, int32_t b, int32_t kv_head, int32_t 
         v_rows[j] = row.v;
       }
     }
-    attend_key_block(q, query_pos, rows, d, k_rows, v_rows, key_pos, n, p.window, acc, running_max, running_sum);
+    if (n % 2) k_rows[n] = zeros;  // keys are scored in pairs; the spare score is never used
+    attend_key_block<L>(q, query_pos, rows, d, k_rows, v_rows, key_pos, n, p.window, st);
   }
-  for (int r = 0; r < rows; ++r) {  // padding queries saw no key: sum 0, output 0
-    const float inv_sum = running_sum[r] > 0.f ? 1.f / running_sum[r] : 0.f;
-    const float* acc_r = acc + static_cast<size_t>(r) * d;
-    T* o = out_row(r);
-    for (int i = 0; i < d; ++i) o[i] = from_float<T>(acc_r[i] * inv_sum);
+}
+
+template <typename T>
+void attend_part_baseline(const AttentionParams& p, const Item& it, int part, int parts, const RowState& st) {
+  attend_part<T, 4>(p, it, part, parts, st);
+}
+
+#if defined(__x86_64__)
+template <typename T>
+__attribute__((target("avx2,fma"))) void attend_part_avx2(const AttentionParams& p, const Item& it, int part,
+                                                          int parts, const RowState& st) {
+  attend_part<T, 8>(p, it, part, parts, st);
+}
+#endif
+
+template <typename T>
+using PartFn = void (*)(const AttentionParams&, const Item&, int, int, const RowState&);
+
+template <typename T>
+PartFn<T> part_fn_for_this_cpu() {
+#if defined(__x86_64__)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return attend_part_avx2<T>;
+#endif
+  return attend_part_baseline<T>;
+}
+
+// Merges the partial states of an item's key parts and writes its output: each part's sum and
+// acc count relative to its own max. Padding queries saw no key: sum 0, output 0.
+template <typename T>
+void write_output(const AttentionParams& p, const Item& it, const RowState* parts, int num_parts) {
+  const int group = p.num_heads / p.num_kv_heads;
+  const int d = p.head_dim;
+  const int rows = (it.t_end - it.t_begin) * group;
+  const int64_t first_row_elem =
+      ((static_cast<int64_t>(it.b) * p.tokens + it.t_begin) * p.num_heads + it.kv_head * group) * d;
+  float weight[kMaxParts];
+  for (int r = 0; r < rows; ++r) {
+    float max = kNegInf;
+    for (int s = 0; s < num_parts; ++s) max = std::max(max, parts[s].max[r]);
+    float sum = 0.f;
+    for (int s = 0; s < num_parts; ++s) {
+      weight[s] = parts[s].max[r] == kNegInf ? 0.f : std::exp(parts[s].max[r] - max);
+      sum += parts[s].sum[r] * weight[s];
+    }
+    const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+    T* o = static_cast<T*>(p.out) + first_row_elem + (static_cast<int64_t>(r / group) * p.num_heads + r % group) * d;
+    for (int i = 0; i < d; ++i) {
+      float value = 0.f;
+      for (int s = 0; s < num_parts; ++s) value += parts[s].acc[static_cast<size_t>(r) * d + i] * weight[s];
+      o[i] = from_float<T>(value * inv_sum);
+    }
   }
 }
 
@@ -191,18 +368,59 @@ void attention_cpu(const AttentionParams& p) {
   const int32_t block_tokens = std::max(1, kTargetRows / group);
   const int32_t blocks = (p.tokens + block_tokens - 1) / block_tokens;
   const int64_t items = static_cast<int64_t>(p.batch) * p.num_kv_heads * blocks;
+  const int rows = round_up_rows(std::min(block_tokens, p.tokens) * group);
   // Work ~ queries x keys per query x head_dim, for the threading decision only.
   const int64_t keys = p.window > 0 ? std::min<int64_t>(p.window, int64_t{p.capacity} + p.tokens)
                                     : int64_t{p.capacity} + p.tokens;
   const int64_t work = static_cast<int64_t>(p.batch) * p.tokens * p.num_heads * p.head_dim * keys;
+  const bool threaded = worth_threading(work) && items > 1;
+  // Few items split over the threads unevenly (3 kv heads on 2 threads: one thread does two), so
+  // then each item's keys are split into parts, making the number of units (item, part) a
+  // multiple of the threads. Many items balance well enough under dynamic scheduling.
+  const int threads = omp_get_max_threads();
+  int parts = 1;
+  if (worth_threading(work) && items < 4 * threads) {
+    const int64_t even = threads / std::gcd<int64_t>(items, threads);  // items * even: a multiple of threads
+    parts = static_cast<int>(std::clamp<int64_t>(std::min(even, keys / kMinPartKeys), 1, kMaxParts));
+  }
+  float* part_states =
+      parts > 1 ? thread_scratch<Slot::kParts, float>(state_floats(rows, p.head_dim) * items * parts) : nullptr;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-#pragma omp parallel for schedule(dynamic, 1) if (worth_threading(work) && items > 1)
-    for (int64_t item = 0; item < items; ++item) {
-      const int32_t block = static_cast<int32_t>(item % blocks);
+    const PartFn<T> part_fn = part_fn_for_this_cpu<T>();
+    // Later query blocks see more keys (causal), so items are started from the last block back:
+    // the longest first, which lets dynamic scheduling even out the end.
+    auto item_at = [&](int64_t item) {
+      const int32_t block = blocks - 1 - static_cast<int32_t>(item % blocks);
       const int32_t kv_head = static_cast<int32_t>(item / blocks % p.num_kv_heads);
       const int32_t b = static_cast<int32_t>(item / blocks / p.num_kv_heads);
-      attend_block<T>(p, b, kv_head, block * block_tokens, std::min(p.tokens, (block + 1) * block_tokens));
+      return Item{b, kv_head, block * block_tokens, std::min(p.tokens, (block + 1) * block_tokens)};
+    };
+    auto part_state = [&](int64_t unit) {
+      return state_at(part_states + state_floats(rows, p.head_dim) * unit, rows, p.head_dim);
+    };
+#pragma omp parallel if (threaded || parts > 1)
+    {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t unit = 0; unit < items * parts; ++unit) {
+        const Item it = item_at(unit / parts);
+        if (parts == 1) {
+          const RowState st = state_at(thread_scratch<Slot::kState, float>(state_floats(rows, p.head_dim)), rows,
+                                       p.head_dim);
+          part_fn(p, it, 0, 1, st);
+          write_output<T>(p, it, &st, 1);
+        } else {
+          part_fn(p, it, static_cast<int>(unit % parts), parts, part_state(unit));
+        }
+      }
+      if (parts > 1) {  // every part is done: the loop above ends in a barrier
+        RowState states[kMaxParts];
+#pragma omp for
+        for (int64_t item = 0; item < items; ++item) {
+          for (int s = 0; s < parts; ++s) states[s] = part_state(item * parts + s);
+          write_output<T>(p, item_at(item), states, parts);
+        }
+      }
     }
   });
 }

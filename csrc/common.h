@@ -67,6 +67,10 @@ inline void require(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument("mistral_ext: " + message);
 }
 
+// Forces a helper into its caller, so that code reached from a function compiled for a wider
+// ISA (__attribute__((target("avx2,fma"))), chosen at run time) is vectorised for that ISA too.
+#define MISTRAL_EXT_INLINE inline __attribute__((always_inline))
+
 // Parallelise a loop only when there is enough work to pay for waking the OpenMP team
 // (`work` ~ scalar operations in the whole loop): about 100 us of one core. Below that the
 // team's start and barrier cost more than they save, and far more when the cores are busy.

@@ -32,9 +32,8 @@
 namespace mistral_ext {
 namespace {
 
-// Everything here is always inlined into the two entry points of each dtype, so that it is
-// compiled (and vectorised) for the ISA of the entry point it lands in.
-#define MISTRAL_EXT_INLINE inline __attribute__((always_inline))
+// Everything here is always inlined (MISTRAL_EXT_INLINE) into the two entry points of each
+// dtype, so that it is compiled (and vectorised) for the ISA of the entry point it lands in.
 
 constexpr int64_t kRowBlock = 4;     // weight rows that go through every tile of x rows in turn
 constexpr int64_t kAlignFloats = 16; // x scratch rows start on 64-byte boundaries

@@ -173,6 +173,18 @@ def test_chunked_continuation(device, cached, capacity, tokens):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", [None, 550])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_over_long_cache_few_heads(device, window, dtype):
+    """Batch 1 with 3 kv heads over ~700 keys: fewer work items than threads x 4, so the CPU kernel
+    splits each item's keys into parts and merges them (flash-decoding); on CUDA, split-KV."""
+    torch.manual_seed(11)
+    case = Case(9, 3, 64, tokens=1, lengths=[1], cached=[700], capacity=600 if window else 704,
+                dtype=dtype, device=device)
+    check_against_reference(case, window)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_continuation_equals_one_shot(device):
     """Prefill in chunks with our cache write + attention: rows match a single call."""
     torch.manual_seed(5)
