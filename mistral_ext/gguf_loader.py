@@ -1,19 +1,21 @@
 """GGUF checkpoints (llama.cpp's format) of the `llama` architecture, which Mistral GGUFs use too.
 
-Tensors are dequantized to float32 with the gguf package. llama.cpp's converter interleaves the
-rope pairs of each q/k head (the raw Mistral layout), so those rows are permuted back to the
-rotate-half layout. Hyper-parameters come from the `llama.*` metadata; the file has no
-sliding window (llama.cpp runs Mistral with full attention) and ties the output projection to
-the embeddings when it has no `output.weight`.
+The header (metadata and tensor index) comes from gguf_file.py; each tensor is a view of a
+read-only memory map of the file, dequantized to float32 with the gguf package. llama.cpp's
+converter interleaves the rope pairs of each q/k head (the raw Mistral layout), so those rows are
+permuted back to the rotate-half layout. Hyper-parameters come from the `llama.*` metadata; the
+file has no sliding window (llama.cpp runs Mistral with full attention) and ties the output
+projection to the embeddings when it has no `output.weight`.
 """
 import re
 from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
+from .gguf_file import GGUFHeader, TensorInfo, read_gguf
 from .loading import Checkpoint, CheckpointError, TensorRef
 from .raw_format import interleaved_to_rotate_half
 
@@ -42,18 +44,17 @@ def hf_name(gguf_name: str) -> str:
     return gguf_name
 
 
-def _metadata(reader: GGUFReader, file: str):
+def _metadata(metadata: Dict[str, Any], file: str):
     def get(key: str, default: Any = _REQUIRED) -> Any:
-        if key not in reader.fields:
+        if key not in metadata:
             if default is _REQUIRED:
                 raise CheckpointError(f"{file}: metadata key {key} is missing")
             return default
-        value = reader.fields[key].contents()
-        return value.item() if isinstance(value, np.generic) else value
+        return metadata[key]
     return get
 
 
-def _config(get, file: str, tensors: Dict[str, Any]) -> dict:
+def _config(get, file: str, tensors: Dict[str, TensorInfo]) -> dict:
     heads = get("llama.attention.head_count")
     kv_heads = get("llama.attention.head_count_kv", heads)
     if isinstance(heads, list) or isinstance(kv_heads, list):
@@ -70,7 +71,7 @@ def _config(get, file: str, tensors: Dict[str, Any]) -> dict:
                               f"{get('llama.rope.dimension_count')} != head_dim {head_dim}) are not supported")
     vocab = get("llama.vocab_size", None)
     if vocab is None and "token_embd.weight" in tensors:  # GGUF lists [hidden, vocab]
-        vocab = int(tensors["token_embd.weight"].shape[-1])
+        vocab = tensors["token_embd.weight"].dims[-1]
     config = {
         "hidden_size": hidden,
         "intermediate_size": get("llama.feed_forward_length"),
@@ -92,10 +93,42 @@ def _config(get, file: str, tensors: Dict[str, Any]) -> dict:
     return config
 
 
-def _reader(tensor, shape: Tuple[int, ...], rope_heads: int):
+def _tensor_type(tensor: TensorInfo, file: str) -> GGMLQuantizationType:
+    try:
+        qtype = GGMLQuantizationType(tensor.type)
+    except ValueError:
+        qtype = None
+    if qtype not in SUPPORTED_TYPES:
+        raise CheckpointError(
+            f"{file}: tensor {tensor.name} has type {tensor.type if qtype is None else qtype.name}, "
+            f"which is not supported (supported: {', '.join(t.name for t in SUPPORTED_TYPES)})")
+    return qtype
+
+
+def _tensor_data(file_map: np.memmap, header: GGUFHeader, tensor: TensorInfo,
+                 qtype: GGMLQuantizationType, file: str) -> np.ndarray:
+    """The tensor's bytes as gguf.quants.dequantize takes them: typed values for F32/F16,
+    otherwise uint8 [rows, bytes per row]."""
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    row = tensor.dims[0] if tensor.dims else 1
+    if row % block:
+        raise CheckpointError(f"{file}: tensor {tensor.name} has rows of {row} values, not a multiple "
+                              f"of the {qtype.name} block size {block}")
+    rows = int(np.prod(tensor.dims[1:], dtype=np.int64))
+    start = header.data_offset + tensor.offset
+    end = start + rows * row // block * block_bytes
+    if end > header.file_size:
+        raise CheckpointError(f"{file}: not a readable GGUF file (tensor {tensor.name} is truncated: its "
+                              f"bytes end at {end}, the file at {header.file_size})")
+    data = file_map[start:end].reshape(rows, row // block * block_bytes)
+    if qtype == GGMLQuantizationType.F32:
+        return data.view(np.float32)
+    return data.view(np.float16) if qtype == GGMLQuantizationType.F16 else data
+
+
+def _reader(data: np.ndarray, qtype: GGMLQuantizationType, shape: Tuple[int, ...], rope_heads: int):
     def read() -> torch.Tensor:
-        values = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type),
-                                           dtype=np.float32).reshape(shape))
+        values = torch.from_numpy(np.array(dequantize(data, qtype), dtype=np.float32).reshape(shape))
         return interleaved_to_rotate_half(values, rope_heads) if rope_heads else values
     return read
 
@@ -103,33 +136,32 @@ def _reader(tensor, shape: Tuple[int, ...], rope_heads: int):
 def open_gguf(file: str) -> Checkpoint:
     """Opens a .gguf file; tensors come out under transformers names as float32."""
     try:
-        reader = GGUFReader(file)
-    except Exception as error:  # the reader fails with ValueError, OSError, struct or numpy errors
-        raise CheckpointError(f"{file}: not a readable GGUF file ({type(error).__name__}: {error})") from error
-    get = _metadata(reader, file)
+        header = read_gguf(file)
+    except (ValueError, OSError) as error:
+        reason = str(error).removeprefix(f"{file}: ")
+        raise CheckpointError(f"{file}: not a readable GGUF file ({reason})") from error
+    if header.byte_order != "<":  # gguf.quants reads block scales and floats as little-endian
+        raise CheckpointError(f"{file}: big-endian GGUF files are not supported")
+    get = _metadata(header.metadata, file)
     architecture = get("general.architecture")
     if architecture != "llama":
         raise CheckpointError(f"{file}: GGUF architecture {architecture!r} is not supported "
                               f"(only 'llama', the one Mistral and Llama GGUF files use)")
-    by_name = {t.name: t for t in reader.tensors}
+    by_name = {t.name: t for t in header.tensors}
     try:
         config = _config(get, file, by_name)
     except (TypeError, ZeroDivisionError) as error:  # metadata of the wrong type or zero heads
         raise CheckpointError(f"{file}: invalid metadata ({error})") from error
     rope_heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
 
+    file_map = np.memmap(file, dtype=np.uint8, mode="r")
     tensors: Dict[str, TensorRef] = {}
     for name, tensor in by_name.items():
-        if tensor.tensor_type not in SUPPORTED_TYPES:
-            raise CheckpointError(
-                f"{file}: tensor {name} has type {tensor.tensor_type.name}, which is not supported "
-                f"(supported: {', '.join(t.name for t in SUPPORTED_TYPES)})")
-        if tensor.data.nbytes != tensor.n_bytes:
-            raise CheckpointError(f"{file}: tensor {name} is truncated ({tensor.data.nbytes} of "
-                                  f"{tensor.n_bytes} bytes)")
-        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the fastest dim first
+        qtype = _tensor_type(tensor, file)
+        data = _tensor_data(file_map, header, tensor, qtype, file)
+        shape = tuple(reversed(tensor.dims))  # GGUF lists the fastest dim first
         match = _LAYER_TENSOR.fullmatch(name)
         heads = rope_heads.get(match.group(2), 0) if match else 0
-        tensors[hf_name(name)] = TensorRef(file, shape, torch.float32, int(tensor.n_bytes),
-                                           _reader(tensor, shape, heads))
+        tensors[hf_name(name)] = TensorRef(file, shape, torch.float32, data.nbytes,
+                                           _reader(data, qtype, shape, heads))
     return Checkpoint(file, config, tensors)

@@ -8,93 +8,17 @@ Two kinds matter here:
 - "gpt2": byte-level BPE (pieces spelled in GPT-2's byte alphabet, plus a merge list), split
   beforehand by the regexes that tokenizer.ggml.pre names. Built as a `tokenizers` pipeline.
 
-The metadata reader parses only the key/value section, which is all a tokenizer needs and is
-much faster than mapping every tensor of the file.
+The metadata comes from gguf_file.py's header reader (read_gguf_metadata).
 """
-import mmap
-import os
 import struct
 from typing import Any, Dict, List
 
-import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-# GGUF value types: struct format of the scalars, bool, string (8) and array (9).
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 10: "Q", 11: "q", 12: "d"}
-_BOOL, _STRING, _ARRAY = 7, 8, 9
+from .gguf_file import read_gguf_metadata  # noqa: F401 (the tokenizer reads GGUF metadata from here)
 
 # llama.cpp token types (the same numbers as sentencepiece's piece types).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-
-class _MetadataReader:
-    def __init__(self, buffer, endian: str, path: str):
-        self.buffer, self.endian, self.path, self.offset = buffer, endian, path, 0
-
-    def scalar(self, fmt: str):
-        (value,) = struct.unpack_from(self.endian + fmt, self.buffer, self.offset)
-        self.offset += struct.calcsize(fmt)
-        return value
-
-    def string(self, key: str) -> str:
-        length = self.scalar("Q")
-        if length > len(self.buffer) - self.offset:
-            raise struct.error("string runs past the end of the file")
-        raw = self.buffer[self.offset:self.offset + length]
-        self.offset += length
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{self.path}: metadata {key!r} holds invalid UTF-8 ({error})") from None
-
-    def value(self, value_type: int, key: str):
-        if value_type in _SCALAR_FORMATS:
-            return self.scalar(_SCALAR_FORMATS[value_type])
-        if value_type == _BOOL:
-            return bool(self.scalar("B"))
-        if value_type == _STRING:
-            return self.string(key)
-        if value_type == _ARRAY:
-            item_type, count = self.scalar("I"), self.scalar("Q")
-            if item_type in _SCALAR_FORMATS or item_type == _BOOL:
-                fmt = "B" if item_type == _BOOL else _SCALAR_FORMATS[item_type]
-                dtype = np.dtype(fmt).newbyteorder(self.endian)
-                if count * dtype.itemsize > len(self.buffer) - self.offset:
-                    raise struct.error("array runs past the end of the file")
-                items = np.frombuffer(self.buffer, dtype, count, self.offset).tolist()
-                self.offset += count * dtype.itemsize
-                return [bool(item) for item in items] if item_type == _BOOL else items
-            return [self.value(item_type, key) for _ in range(count)]
-        raise ValueError(f"{self.path}: metadata {key!r} has unknown GGUF value type {value_type}")
-
-
-def read_gguf_metadata(path: str) -> Dict[str, Any]:
-    """Every key/value pair of a GGUF file's header (strings decoded, arrays as lists)."""
-    path = os.fspath(path)
-    with open(path, "rb") as file:
-        if os.fstat(file.fileno()).st_size < 24:
-            raise ValueError(f"{path}: not a GGUF file (too short)")
-        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
-            if buffer[:4] != b"GGUF":
-                raise ValueError(f"{path}: not a GGUF file (bad magic {bytes(buffer[:4])!r})")
-            # A big-endian file shows its version byte-swapped: 3 reads as 0x03000000.
-            endian = "<" if struct.unpack_from("<I", buffer, 4)[0] < 0x10000 else ">"
-            reader = _MetadataReader(buffer, endian, path)
-            reader.offset = 4
-            version = reader.scalar("I")
-            if version not in (2, 3):
-                raise ValueError(f"{path}: unsupported GGUF version {version} (2 and 3 are)")
-            try:
-                reader.scalar("Q")  # tensor count
-                metadata = {}
-                for _ in range(reader.scalar("Q")):
-                    key = reader.string("key")
-                    metadata[key] = reader.value(reader.scalar("I"), key)
-            except (struct.error, ValueError) as error:
-                if str(error).startswith(path):
-                    raise
-                raise ValueError(f"{path}: truncated or corrupt GGUF metadata ({error})") from None
-    return metadata
 
 
 def bytes_to_unicode() -> Dict[int, str]:
