@@ -325,8 +325,7 @@ using PartFn = void (*)(const AttentionParams&, const Item&, int, int, const Row
 template <typename T>
 PartFn<T> part_fn_for_this_cpu() {
 #if defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return attend_part_avx2<T>;
+  if (cpu_has_avx2_fma()) return attend_part_avx2<T>;
 #endif
   return attend_part_baseline<T>;
 }

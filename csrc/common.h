@@ -71,6 +71,17 @@ inline void require(bool ok, const std::string& message) {
 // ISA (__attribute__((target("avx2,fma"))), chosen at run time) is vectorised for that ISA too.
 #define MISTRAL_EXT_INLINE inline __attribute__((always_inline))
 
+// True when this x86-64 CPU runs AVX2 and FMA, the wider of the two builds the CPU kernels
+// with vector loops keep of their hot path (decided once, at run time; no -march flags).
+inline bool cpu_has_avx2_fma() {
+#if defined(__x86_64__)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
 // Parallelise a loop only when there is enough work to pay for waking the OpenMP team
 // (`work` ~ scalar operations in the whole loop): about 100 us of one core. Below that the
 // team's start and barrier cost more than they save, and far more when the cores are busy.

@@ -164,8 +164,7 @@ using RowsFn = void (*)(const RowsArgs<T>&, int64_t, int64_t);
 template <typename T>
 RowsFn<T> rows_fn_for_this_cpu() {
 #if defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return linear_rows_avx2<T>;
+  if (cpu_has_avx2_fma()) return linear_rows_avx2<T>;
 #endif
   return linear_rows_baseline<T>;
 }

@@ -117,6 +117,16 @@ inline void expect_close(const std::string& what, const Values& got, const std::
   expect(false, what + detail);
 }
 
+// Prints the verdict; the exit status of main().
+inline int summary() {
+  if (failures > 0) {
+    std::printf("%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all checks passed\n");
+  return 0;
+}
+
 // Runs one named test, counting an unexpected exception as a failure, and prints ok / FAIL.
 inline void run(const char* name, const std::function<void()>& test) {
   const int before = failures;
