@@ -6,7 +6,6 @@ Greedy decoding must give transformers' tokens: past the sliding window, with eo
 left-padded batches, repetition penalty and min_new_tokens. Sampling is checked for
 reproducibility and for its filters (transformers' own warpers on random scores).
 """
-import math
 
 import mistral_common
 import pytest
@@ -17,6 +16,7 @@ from transformers.generation import logits_process
 from mistral_ext import MistralConfig, MistralForCausalLM, MistralTokenizer
 from mistral_ext import generation
 from mistral_ext.generation import TextStreamer
+from random_weights import randomize_
 
 VOCAB = 101
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -30,12 +30,7 @@ def make_pair(seed=0, **overrides):
     """transformers' MistralForCausalLM with fan-in scaled random weights, and ours holding them."""
     kwargs = {**BASE, **overrides}
     hf = transformers.MistralForCausalLM(transformers.MistralConfig(**kwargs, attn_implementation="eager")).eval()
-    g = torch.Generator().manual_seed(seed)
-    for p in hf.parameters():
-        if p.dim() == 1:
-            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) * 2 / math.sqrt(p.shape[1]))
+    randomize_(hf, seed, scale=2.0)
     ours = MistralForCausalLM(MistralConfig(**kwargs))
     ours.load_state_dict(hf.state_dict(), strict=True)
     return ours.eval(), hf

@@ -7,7 +7,6 @@ llama.cpp writes them) and the quantization error bound. Broken files are writte
 and must raise CheckpointError naming the file and the tensor.
 """
 import json
-import math
 import os
 
 import gguf
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from mistral_ext import MistralForCausalLM, MistralForSequenceClassification, MistralModel
 from mistral_ext import loading
 from mistral_ext.loading import CheckpointError, CheckpointNotFoundError, default_model_path
+from random_weights import randomize_
 
 SMALL = dict(vocab_size=97, hidden_size=96, intermediate_size=136, num_hidden_layers=2, num_attention_heads=6,
              num_key_value_heads=2, head_dim=16, sliding_window=5, max_position_embeddings=64,
@@ -36,12 +36,7 @@ GGUF_SMALL = dict(vocab_size=100, hidden_size=256, intermediate_size=512, num_hi
 def random_hf_model(seed=0, **overrides):
     """A transformers MistralForCausalLM with O(1)-activation random weights (norms around 1)."""
     model = transformers.MistralForCausalLM(transformers.MistralConfig(**{**SMALL, **overrides})).eval()
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.dim() == 1:
-            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) * 1.5 / math.sqrt(p.shape[1]))
+    randomize_(model, seed)
     return model
 
 

@@ -9,7 +9,6 @@ a batch. The model runs on the kernels; MISTRAL_EXT_TEST_BACKEND=reference runs 
 mistral_ext.reference instead (for debugging a kernel).
 """
 import json
-import math
 import os
 
 import pytest
@@ -19,6 +18,7 @@ import transformers
 from mistral_ext import (AutoConfig, AutoModel, AutoModelForCausalLM, MistralConfig, MistralForCausalLM,
                          MistralForSequenceClassification, MistralModel, RollingCache)
 from mistral_ext import modeling
+from random_weights import randomize_
 
 BACKEND = os.environ.get("MISTRAL_EXT_TEST_BACKEND", "kernels")
 ATOL = RTOL = 1e-4
@@ -36,17 +36,6 @@ CONFIGS = {
 
 def config_kwargs(name="gqa_window5", **overrides):
     return {**BASE, **CONFIGS[name], **overrides}
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Weights with O(1) activations: fan-in scaled matrices, norm weights around 1."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.dim() == 1:
-            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]) * 1.5)
 
 
 def make_pair(kwargs, ours_cls=MistralForCausalLM, hf_cls=transformers.MistralForCausalLM, seed=0,

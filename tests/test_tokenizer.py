@@ -94,6 +94,18 @@ def mistral():
     return MistralTokenizer.from_pretrained(MISTRAL_MODEL)
 
 
+def finish_gguf(writer, path, extra) -> str:
+    """Adds the extra metadata (GGUFWriter method names without add_, e.g. add_bos_token=False ->
+    bos_token=False) and writes the file."""
+    for adder, value in extra.items():
+        getattr(writer, f"add_{adder}")(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
 def write_llama_gguf(path, sp, **extra):
     """A GGUF holding a sentencepiece vocabulary the way llama.cpp's converter writes one."""
     writer = gguf.GGUFWriter(path, "llama")
@@ -106,13 +118,7 @@ def write_llama_gguf(path, sp, **extra):
     writer.add_bos_token_id(sp.bos_id())
     writer.add_eos_token_id(sp.eos_id())
     writer.add_unk_token_id(sp.unk_id())
-    for adder, value in extra.items():  # GGUFWriter method names, e.g. add_bos_token=False
-        getattr(writer, f"add_{adder}")(value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
+    return finish_gguf(writer, path, extra)
 
 
 @pytest.fixture(scope="module")
@@ -643,13 +649,7 @@ def write_gpt2_gguf(path, tokens=("<|endoftext|>", "a", "b", "ab"), **extra):
     writer.add_token_types([3] + [1] * (len(tokens) - 1))
     writer.add_token_merges(["a b"])
     writer.add_eos_token_id(0)
-    for adder, value in extra.items():  # GGUFWriter method names, e.g. tokenizer_pre="gpt2"
-        getattr(writer, f"add_{adder}")(value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
+    return finish_gguf(writer, path, extra)
 
 
 def test_small_gguf_vocabularies(tmp_path):
