@@ -6,6 +6,7 @@ compiles against the torch that is installed:  pip install --no-build-isolation 
 """
 import glob
 import os
+import subprocess
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -27,7 +28,24 @@ def want_cuda():
     return available
 
 
+def check_shared_libstdcxx():
+    """Refuses a C++ compiler that has no shared libstdc++ to link: it would put a second, static
+    copy of the C++ runtime into the extension beside torch's shared one, and the first error
+    message that formats a number would crash (seen with one GPU image's /opt/gcc/bin/g++)."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return  # not a GCC-style driver: nothing to check
+    if not os.path.isabs(found):
+        raise RuntimeError(f"the C++ compiler {cxx!r} finds no shared libstdc++ (libstdc++.so), so it would "
+                           "link the C++ runtime statically next to torch's shared one; set CXX (and CC) to "
+                           "a compiler that has it, e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc")
+
+
 def extension():
+    check_shared_libstdcxx()
     cpp_sources = sources("csrc/*.cpp") + ["python/ops.cpp", "python/op_params.cpp"]
     cxx_flags = ["-O3", "-fopenmp"]  # torch picks the C++ standard its headers need
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]

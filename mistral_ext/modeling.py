@@ -151,10 +151,12 @@ class FusedProjections(nn.Module):
 
 
 def _consecutive_rows(weights) -> bool:
-    """True when the contiguous weights follow each other in memory, as rows of one tensor."""
-    return all(w.is_contiguous() and w.device == weights[0].device and w.dtype == weights[0].dtype
-               for w in weights) and all(b.data_ptr() == a.data_ptr() + a.nbytes
-                                         for a, b in zip(weights, weights[1:]))
+    """True when the contiguous weights are consecutive rows of one storage. Adjacent addresses
+    alone are not enough: a caching allocator (CUDA's) places separate tensors back to back."""
+    storage = weights[0].untyped_storage()
+    return all(w.is_contiguous() and w.dtype == weights[0].dtype
+               and w.untyped_storage().data_ptr() == storage.data_ptr() for w in weights) and all(
+        b.data_ptr() == a.data_ptr() + a.nbytes for a, b in zip(weights, weights[1:]))
 
 
 class MistralAttention(FusedProjections):

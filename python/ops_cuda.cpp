@@ -25,7 +25,9 @@ struct CudaBackend {
   static size_t workspace_bytes(const AttentionParams& p) { return attention_workspace_bytes(p); }
   static void launch(const AttentionParams& p) { attention_cuda(p, stream()); }
   static void launch(const LinearParams& p) { linear_cuda(p, stream()); }
-  static int64_t linear_max_rows(at::ScalarType) { return kLinearMaxRows; }
+  // Measured on an H100 (docs/RESULTS.md, Mistral-7B shapes, bf16): our GEMV matches cuBLAS at one
+  // row and falls behind from two rows on (5x slower at 16), so only single rows take it.
+  static int64_t linear_max_rows(at::ScalarType) { return 1; }
 };
 
 }  // namespace mistral_ext::binding

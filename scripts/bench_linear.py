@@ -2,7 +2,7 @@
 
 A decode step at small batch streams every weight once, so the speed of its matmuls is the rate at
 which they read their weights. For each projection of a decoder layer and the LM head, at 1 and 16
-input rows, this times ours and F.linear on the same weights in the same run and prints GB/s of
+input rows (--rows), this times ours and F.linear on the same weights in the same run and prints GB/s of
 weight read by each. Many copies of each weight are cycled through, at least 256 MB in all, so
 that none is cache-resident, as in a real decode step. The "step" rows time a whole step's
 matmuls: every layer's projections in order, then the head. The ms columns are the time of one
@@ -11,7 +11,7 @@ pass: one call per copy, or one step.
   CPU:  the embedded SmolLM2-135M's shapes (hidden 576, 30 layers, tied 49152-row head), fp32, bf16
   CUDA: Mistral-7B's shapes (hidden 4096, 32 layers, 32000-row head), bf16, CUDA-event timings
 
-    python scripts/bench_linear.py [--device cpu|cuda] [--dtypes float32 bfloat16] [--repeats 5]
+    python scripts/bench_linear.py [--device cpu|cuda] [--dtypes float32 bfloat16] [--rows 1 16] [--repeats 5]
 """
 import argparse
 import math
@@ -33,7 +33,6 @@ MODELS = {
              ("lm_head", 32000, 4096)),
 }
 COLD_BYTES = 256 << 20
-ROWS = (1, 16)
 
 
 def median_seconds(fn, device: str, repeats: int) -> float:
@@ -59,6 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16], help="input rows (batch) to time")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = args.device
@@ -78,7 +78,7 @@ def main() -> None:
             copies = 1 if name == head[0] else layers
             copies = max(copies, math.ceil(COLD_BYTES / (n * k * size)))
             weights[name] = [torch.randn(n, k, device=device).to(dtype) for _ in range(copies)]
-        for rows in ROWS:
+        for rows in args.rows:
             inputs = {k: torch.randn(rows, k, device=device).to(dtype) for _, _, k in projections + [head]}
             for name, n, k in projections + [head]:
                 pairs = [(inputs[k], w) for w in weights[name]]

@@ -3,18 +3,20 @@
 # runs ctest (CUDA kernels vs CPU kernels), the CUDA pytest cases, the attention microbenchmark
 # and the model benchmark. Logs and JSON figures go to $RESULTS_DIR (default ./gpu-results).
 #   bash scripts/gpu_check.sh [--quick]    # --quick: tests only, no benchmarks
+# BENCH_ARGS adds arguments to the model benchmark (e.g. "--new-tokens 64 --repeats 2").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS_DIR=${RESULTS_DIR:-gpu-results}
+BENCH_ARGS=${BENCH_ARGS:-}
 mkdir -p "$RESULTS_DIR"
 export PYTHONUNBUFFERED=1
 status=0
-run() {  # run NAME CMD...: logs to $RESULTS_DIR/NAME.log, keeps going on failure
-  local name=$1
-  shift
+run() {  # run NAME SECONDS CMD...: logs to $RESULTS_DIR/NAME.log, stops CMD after SECONDS, keeps going
+  local name=$1 limit=$2
+  shift 2
   echo "=== $name"
   local start=$SECONDS
-  if "$@" >"$RESULTS_DIR/$name.log" 2>&1; then
+  if timeout "$limit" "$@" >"$RESULTS_DIR/$name.log" 2>&1; then
     echo "=== $name: ok in $((SECONDS - start)) s"
   else
     echo "=== $name: FAILED in $((SECONDS - start)) s"
@@ -24,15 +26,25 @@ run() {  # run NAME CMD...: logs to $RESULTS_DIR/NAME.log, keeps going on failur
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-run build env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS=16 \
+# Build with the system compiler torch was built against: a toolchain that links libstdc++
+# statically into the extension (one image's /opt/gcc did) crashes on the first error message.
+if [[ -x /usr/bin/g++ ]]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
+# The CMake build (C++ tests) compiles beside the extension build.
+(cmake -S . -B /tmp/build-gpu -DCMAKE_CUDA_ARCHITECTURES=90a -DMISTRAL_EXT_CUDA=ON \
+  && cmake --build /tmp/build-gpu -j 8) >"$RESULTS_DIR/cmake.log" 2>&1 &
+cmake_pid=$!
+run build 300 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS=8 \
   python3 -m pip install --no-build-isolation --no-deps -e .
 python3 -c "import mistral_ext; assert mistral_ext.cuda_kernels_available(), 'no CUDA kernels in the build'" || exit 1
-run ctest bash -c 'cmake -S . -B /tmp/build-gpu -DCMAKE_CUDA_ARCHITECTURES=90a -DMISTRAL_EXT_CUDA=ON \
-  && cmake --build /tmp/build-gpu -j 16 && ctest --test-dir /tmp/build-gpu --output-on-failure'
-run pytest-cuda python3 -m pytest -q -x tests/test_ops.py tests/test_attention.py tests/test_model.py \
+wait $cmake_pid || { echo "=== cmake build FAILED"; tail -n 25 "$RESULTS_DIR/cmake.log"; status=1; }
+run ctest 300 ctest --test-dir /tmp/build-gpu --output-on-failure
+run pytest-cuda 300 python3 -m pytest -q tests/test_ops.py tests/test_attention.py tests/test_model.py \
   tests/test_generation.py -k cuda
+# Out-of-bounds accesses and races the comparisons above could miss.
+run sanitizer 120 compute-sanitizer --error-exitcode 1 /tmp/build-gpu/tests/cpp/test_attention
 if [[ "${1:-}" != "--quick" ]]; then
-  run bench-attention python3 -m mistral_ext.bench_attention --json "$RESULTS_DIR/bench_attention.json"
-  run bench python3 -m mistral_ext.cli bench --json "$RESULTS_DIR/bench.json"
+  run bench-attention 200 python3 -m mistral_ext.bench_attention --json "$RESULTS_DIR/bench_attention.json"
+  # shellcheck disable=SC2086
+  run bench 400 python3 -m mistral_ext.cli bench --json "$RESULTS_DIR/bench.json" $BENCH_ARGS
 fi
 exit $status

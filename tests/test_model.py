@@ -305,6 +305,24 @@ def test_fused_projections_survive_to_and_reloads():
     assert_close(ours(ids).logits, expected, atol=0.1, rtol=0.05)  # weights went through bf16
 
 
+def test_fuse_copies_weights_that_are_adjacent_but_separately_allocated():
+    # A caching allocator (CUDA's) can place separately allocated weights back to back; fusing
+    # must not read them as rows of one storage.
+    kwargs = config_kwargs("gqa_window5")
+    ours, hf = make_pair(kwargs, seed=28)
+    ids = random_ids((2, 11), kwargs["vocab_size"], seed=29)
+    attn = ours.model.layers[0].self_attn
+    weights = [linear.weight.detach().clone() for linear in attn._linears()]
+    arena = torch.cat([w.flatten() for w in weights]).numpy()
+    offset = 0
+    for linear, w in zip(attn._linears(), weights):  # one storage each, at consecutive addresses
+        linear.weight.data = torch.from_numpy(arena[offset:offset + w.numel()]).view(w.shape)
+        offset += w.numel()
+    ours.fuse_projections()
+    assert fused_ok(attn)
+    assert_close(ours(ids).logits, hf_logits(hf, ids))
+
+
 def test_bf16_on_cpu_is_close_to_transformers_fp32():
     kwargs = config_kwargs("gqa_window5")
     ours, hf = make_pair(kwargs, seed=30)
