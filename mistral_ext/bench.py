@@ -4,6 +4,7 @@ Measures, on the machine at hand:
   * the memory ceiling (device-to-device copy on CUDA, a large memcpy on CPU, bytes read +
     written) and from it the decode floor: weight bytes / bandwidth per token at batch 1;
   * ours: prefill time, decode ms/token at batch 1, decode tokens/s at a larger batch, peak memory;
+    on CUDA a second time with the decode step replayed as a CUDA graph;
   * transformers (eager and sdpa) on the same weights when it is installed, and the ratios.
 Defaults: on CUDA the Mistral-7B config with random bf16 weights; on CPU the embedded SmolLM2
 model in fp32. Figures are printed as a table and written as JSON with --json.
@@ -148,11 +149,11 @@ def time_workload(name: str, model, device: torch.device, vocab_size: int, args,
     return RunFigures(name, t_prefill * 1e3, decode_ms, batch_tps, peak)
 
 
-def _greedy_fixed_length(model):
+def _greedy_fixed_length(model, **options):
     """generate() of exactly `new_tokens` tokens (eos ignored), the same call for every framework."""
     def run(ids, new_tokens):
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **options)
     return run
 
 
@@ -207,6 +208,14 @@ def run(args) -> Dict:
         "runs": [],
     }
     figures = [time_workload("ours", ours, device, ours.config.vocab_size, args, _greedy_fixed_length(ours))]
+    if device.type == "cuda":
+        try:
+            figures.append(time_workload("ours, CUDA graph", ours, device, ours.config.vocab_size, args,
+                                         _greedy_fixed_length(ours, use_cuda_graph=True)))
+        except RuntimeError as error:  # reported, and the peers are still measured
+            print(f"ours, CUDA graph: failed: {error}")
+            results["cuda_graph_error"] = str(error)
+    ours_count = len(figures)
     if not args.no_peers:
         try:
             import transformers  # noqa: F401
@@ -220,14 +229,14 @@ def run(args) -> Dict:
                 del peer
                 gc.collect()
     results["runs"] = [asdict(f) for f in figures]
-    print_table(results, figures)
+    print_table(results, figures[:ours_count], figures[ours_count:])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return results
 
 
-def print_table(results: Dict, figures: List[RunFigures]) -> None:
+def print_table(results: Dict, ours_runs: List[RunFigures], peer_runs: List[RunFigures]) -> None:
     floor = results["decode_floor_ms_per_token"]
     print(f"device: {results['device']}  dtype: {results['dtype']}  model: {results['model']} "
           f"({results['weight_gb']:.2f} GB of weights)")
@@ -238,16 +247,16 @@ def print_table(results: Dict, figures: List[RunFigures]) -> None:
     header = (f"{'':22} {'prefill ms':>11} {'decode ms/tok':>14} {'tok/s b=1':>10} "
               f"{'% of floor':>10} {'tok/s batch':>12} {'peak GiB':>9}")
     print(header)
-    for f in figures:
+    for f in ours_runs + peer_runs:
         peak = f"{f.peak_memory_gb:.2f}" if f.peak_memory_gb is not None else "-"
         print(f"{f.name:22} {f.prefill_ms:11.2f} {f.decode_ms_per_token:14.3f} "
               f"{1e3 / f.decode_ms_per_token:10.1f} {100 * floor / f.decode_ms_per_token:9.1f}% "
               f"{f.batch_decode_tokens_per_s:12.1f} {peak:>9}")
-    ours = figures[0]
-    for peer in figures[1:]:
-        print(f"ours vs {peer.name}: decode {peer.decode_ms_per_token / ours.decode_ms_per_token:.2f}x "
-              f"faster, prefill {peer.prefill_ms / ours.prefill_ms:.2f}x, batched decode "
-              f"{ours.batch_decode_tokens_per_s / peer.batch_decode_tokens_per_s:.2f}x")
+    for ours in ours_runs:
+        for peer in peer_runs:
+            print(f"{ours.name} vs {peer.name}: decode {peer.decode_ms_per_token / ours.decode_ms_per_token:.2f}x "
+                  f"faster, prefill {peer.prefill_ms / ours.prefill_ms:.2f}x, batched decode "
+                  f"{ours.batch_decode_tokens_per_s / peer.batch_decode_tokens_per_s:.2f}x")
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ Logits processing follows transformers' order: repetition penalty (over the whol
 prompt included, left padding excluded), min_new_tokens (eos masked), then for sampling
 temperature, top-k, top-p; finished rows are padded with pad_token_id.
 """
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Union
 
@@ -119,6 +120,60 @@ class _StopCheck:
         oldest = self.calls % (self.lag + 1)
         self.events[oldest].synchronize()
         return bool(self.flags[oldest])
+
+
+class _DecodeStep:
+    """One decode step: logits [batch, vocab] for tokens [batch, 1] at positions [batch, 1].
+
+    With use_cuda_graph the first call runs eagerly on a side stream (which also warms up cuBLAS
+    and the allocator), then captures the step into a CUDA graph; later calls copy their inputs
+    into the captured ones and replay it: one launch per token instead of several hundred, so the
+    host no longer paces the GPU. This is sound because nothing in a decode step depends on host
+    state that changes from step to step: the cache is sized for the whole generation before the
+    loop, positions and cache lengths live on the device, and the kernels' launch shapes depend on
+    the cache capacity only. The logits returned are overwritten by the next call.
+    """
+
+    def __init__(self, model, cache: RollingCache, use_cuda_graph: bool):
+        self.model, self.cache, self.use_cuda_graph = model, cache, use_cuda_graph
+        self.graph = None
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens, position_ids=positions, past_key_values=self.cache, use_cache=True,
+                          logits_to_keep=1, _trusted_input_ids=True).logits[:, -1]
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if not self.use_cuda_graph:
+            return self._forward(tokens, positions)
+        if self.graph is not None:
+            self.tokens.copy_(tokens)
+            self.positions.copy_(positions)
+            self.graph.replay()
+            self.cache.seen_tokens += 1   # the host-side count that replaying does not run
+            return self.logits
+        self.tokens, self.positions = tokens.clone(), positions.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self._forward(self.tokens, self.positions)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records the step without running it
+            self.logits = self._forward(self.tokens, self.positions)
+        self.cache.seen_tokens -= 1           # the capture counted a step that did not run
+        return logits
+
+
+@contextlib.contextmanager
+def _explain_out_of_memory(batch: int, prompt_length: int, max_new_tokens: int, device: torch.device):
+    """Re-raises an out-of-memory error with what generate() was asked to hold. Whatever the
+    failed call allocated is released as the exception unwinds, so the process stays usable."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        raise torch.OutOfMemoryError(
+            f"generate() ran out of memory on {device} with {batch} rows of {prompt_length} prompt + "
+            f"{max_new_tokens} new tokens; use fewer rows or tokens. {error}") from error
 
 
 def _apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -249,6 +304,7 @@ class GenerationMixin:
         streamer=None,
         num_return_sequences: int = 1,
         tokenizer=None,
+        use_cuda_graph: bool = False,
         **kwargs,
     ) -> torch.LongTensor:
         """Generates continuations of input_ids [batch, prompt] (left-padded, with attention_mask).
@@ -261,7 +317,8 @@ class GenerationMixin:
         applies temperature, top_k (0 disables it) and top_p and draws with `generator` (or a
         fresh one seeded with `seed`; neither: torch's global generator). streamer: an object
         with put()/end() (transformers' protocol) or a callable receiving text, which needs
-        tokenizer=. max_new_tokens=0 returns the prompt.
+        tokenizer=. max_new_tokens=0 returns the prompt. use_cuda_graph (CUDA only): replay the
+        decode step as a CUDA graph (same tokens, fewer launches).
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
@@ -311,6 +368,8 @@ class GenerationMixin:
                 raise ValueError(f"top_p must be in [0, 1], got {top_p}")
         elif num_return_sequences > 1:
             raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
+        if use_cuda_graph and device.type != "cuda":
+            raise ValueError(f"use_cuda_graph=True needs the model on a CUDA device, it is on {device}")
         if streamer is not None and not hasattr(streamer, "put"):
             if not callable(streamer):
                 raise TypeError("streamer must have put()/end() or be a callable receiving text")
@@ -335,35 +394,36 @@ class GenerationMixin:
             picker.seen = torch.zeros(batch, config.vocab_size + 1, dtype=torch.bool, device=device)
             picker.note(input_ids.clamp(max=config.vocab_size).masked_fill(padding, config.vocab_size))
 
-        output = input_ids.new_full((batch, prompt_length + max_new_tokens), pad_token_id)
-        output[:, :prompt_length] = input_ids
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        # The cache is sized for the whole generation at once (capped at the window): no regrowth mid-loop.
-        out = self(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
-                   past_key_values=RollingCache(config, max_length=prompt_length + max_new_tokens))
-        cache, logits = out.past_key_values, out.logits[:, -1]
-
-        unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-        generated = torch.zeros(batch, dtype=torch.long, device=device)   # per row, eos included
-        positions = attention_mask.sum(dim=1, keepdim=True)                # of the next token, per row
-        stop_check = _StopCheck(device, lag=0 if streamer is not None else 4)
-        for step in range(max_new_tokens):
-            next_tokens = picker(logits, step)
-            generated += unfinished
-            output[:, prompt_length + step] = torch.where(unfinished, next_tokens, pad_token_id)
+        with _explain_out_of_memory(batch, prompt_length, max_new_tokens, device):
+            output = input_ids.new_full((batch, prompt_length + max_new_tokens), pad_token_id)
+            output[:, :prompt_length] = input_ids
             if streamer is not None:
-                streamer.put(output[:, prompt_length + step].cpu())
-            if eos_ids:
-                unfinished &= ~torch.isin(next_tokens, picker.eos)
-            if step + 1 == max_new_tokens or (eos_ids and stop_check(unfinished)):
-                break
-            picker.note(next_tokens[:, None])
-            # Finished rows keep feeding their own (in-vocabulary) draws; their outputs are padding.
-            logits = self(input_ids=next_tokens[:, None], position_ids=positions, past_key_values=cache,
-                          use_cache=True, logits_to_keep=1, _trusted_input_ids=True).logits[:, -1]
-            positions = positions + 1
+                streamer.put(input_ids.cpu())
+            # The cache is sized for the whole generation at once (capped at the window): no regrowth mid-loop.
+            out = self(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
+                       past_key_values=RollingCache(config, max_length=prompt_length + max_new_tokens))
+            cache, logits = out.past_key_values, out.logits[:, -1]
 
-        if streamer is not None:
-            streamer.end()
-        return output[:, :prompt_length + int(generated.max())]
+            unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+            generated = torch.zeros(batch, dtype=torch.long, device=device)   # per row, eos included
+            positions = attention_mask.sum(dim=1, keepdim=True)                # of the next token, per row
+            stop_check = _StopCheck(device, lag=0 if streamer is not None else 4)
+            decode_step = _DecodeStep(self, cache, use_cuda_graph)
+            for step in range(max_new_tokens):
+                next_tokens = picker(logits, step)
+                generated += unfinished
+                output[:, prompt_length + step] = torch.where(unfinished, next_tokens, pad_token_id)
+                if streamer is not None:
+                    streamer.put(output[:, prompt_length + step].cpu())
+                if eos_ids:
+                    unfinished &= ~torch.isin(next_tokens, picker.eos)
+                if step + 1 == max_new_tokens or (eos_ids and stop_check(unfinished)):
+                    break
+                picker.note(next_tokens[:, None])
+                # Finished rows keep feeding their own (in-vocabulary) draws; their outputs are padding.
+                logits = decode_step(next_tokens[:, None], positions)
+                positions = positions + 1
+
+            if streamer is not None:
+                streamer.end()
+            return output[:, :prompt_length + int(generated.max())]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU machine must confirm, in one run: builds the extension with the CUDA kernels,
-# runs ctest (CUDA kernels vs CPU kernels), the CUDA pytest cases, the attention microbenchmark
-# and the model benchmark. Logs and JSON figures go to $RESULTS_DIR (default ./gpu-results).
+# runs ctest (CUDA kernels vs CPU kernels), the CUDA pytest cases, compute-sanitizer, the attention
+# microbenchmark, the model benchmark (512- and 4096-token prompts) and the GEMV benchmark.
+# Logs and JSON figures go to $RESULTS_DIR (default ./gpu-results).
 #   bash scripts/gpu_check.sh [--quick]    # --quick: tests only, no benchmarks
 # BENCH_ARGS adds arguments to the model benchmark (e.g. "--new-tokens 64 --repeats 2").
 set -uo pipefail
@@ -46,5 +47,8 @@ if [[ "${1:-}" != "--quick" ]]; then
   run bench-attention 200 python3 -m mistral_ext.bench_attention --json "$RESULTS_DIR/bench_attention.json"
   # shellcheck disable=SC2086
   run bench 400 python3 -m mistral_ext.cli bench --json "$RESULTS_DIR/bench.json" $BENCH_ARGS
+  run bench-prefill-4096 200 python3 -m mistral_ext.cli bench --prompt-len 4096 --new-tokens 8 --batch 2 \
+    --json "$RESULTS_DIR/bench_prefill_4096.json"
+  run bench-linear 150 python3 scripts/bench_linear.py --rows 1 2 4 16
 fi
 exit $status

@@ -288,11 +288,30 @@ def test_no_input_ids_starts_from_bos(small_model):
     (dict(num_beams=4), NotImplementedError, "num_beams"),
     (dict(return_dict_in_generate=True), NotImplementedError, "return_dict_in_generate"),
     (dict(not_an_argument=1), ValueError, "not_an_argument"),
+    (dict(use_cuda_graph=True), ValueError, "CUDA"),
 ])
 def test_bad_arguments_raise_clear_errors(small_model, kwargs, error, match):
     kwargs = {"input_ids": torch.tensor([[4, 5, 6], [7, 8, 9]]), "max_new_tokens": 3, **kwargs}
     with pytest.raises(error, match=match):
         small_model.generate(**kwargs)
+
+
+def test_out_of_memory_names_the_request_and_leaves_the_model_usable(small_model, monkeypatch):
+    ids = prompt(2, 4, seed=15)
+    expected = small_model.generate(ids, max_new_tokens=6)
+    forward, calls = small_model.forward, []
+
+    def failing_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(small_model, "forward", failing_forward)
+    with pytest.raises(torch.OutOfMemoryError, match=r"2 rows of 4 prompt \+ 6 new tokens.*Tried to allocate"):
+        small_model.generate(ids, max_new_tokens=6)
+    monkeypatch.undo()
+    assert torch.equal(small_model.generate(ids, max_new_tokens=6), expected)
 
 
 def test_harmless_transformers_arguments_are_accepted(small_model):
@@ -313,3 +332,45 @@ def test_cuda_greedy_with_deferred_stop_check_matches_cpu():
     got = ours.cuda().generate(ids.cuda(), max_new_tokens=30, eos_token_id=eos)
     assert got.device.type == "cuda"
     assert torch.equal(got.cpu(), expected)
+
+
+CUDA_SHAPES = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)  # head_dim 64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_generate_equals_eager_generate():
+    """Left-padded batch past the window, greedy with eos and sampling: the graph replays the same step."""
+    ours, hf = make_pair(seed=17, sliding_window=7, **CUDA_SHAPES)
+    ours = ours.cuda()
+    ids, mask = left_pad([[5, 9, 14, 3, 22, 7, 40, 11, 6], [8, 30, 4], [12, 50, 60, 70, 80]])
+    eos, _ = eos_candidate(hf, ids[:1], new_tokens=25, step=5)
+    for kwargs in (dict(eos_token_id=eos), dict(do_sample=True, top_k=0, eos_token_id=[])):
+        eager = ours.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=25, seed=3, **kwargs)
+        graph = ours.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=25, seed=3,
+                              use_cuda_graph=True, **kwargs)
+        assert torch.equal(graph, eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_step_matches_eager_step(dtype):
+    """Step by step: the same logits, cache contents, cache lengths and token count."""
+    ours, _ = make_pair(seed=18, sliding_window=6, **CUDA_SHAPES)
+    ours = ours.to(device="cuda", dtype=dtype)
+    ids = prompt(3, 5, seed=18).cuda()
+    caches = []
+    for _ in range(2):
+        caches.append(ours(ids, past_key_values=generation.RollingCache(ours.config, max_length=20)).past_key_values)
+    eager, graph = (generation._DecodeStep(ours, cache, use_cuda_graph) for cache, use_cuda_graph in
+                    zip(caches, (False, True)))
+    # cuBLAS (3 rows) may pick another algorithm inside a capture: equal up to rounding.
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    tokens = prompt(3, 15, seed=19).cuda()
+    for step in range(15):
+        positions = torch.full((3, 1), 5 + step, device="cuda")
+        expected = eager(tokens[:, step:step + 1], positions).clone()
+        torch.testing.assert_close(graph(tokens[:, step:step + 1], positions), expected, **tol)
+    assert caches[1].seen_tokens == caches[0].seen_tokens == 20
+    assert torch.equal(caches[1].cache_lens, caches[0].cache_lens)
+    for a, b in zip(caches[0].key_cache + caches[0].value_cache, caches[1].key_cache + caches[1].value_cache):
+        torch.testing.assert_close(b, a, **tol)
