@@ -158,7 +158,8 @@ class _DecodeStep:
             logits = self._forward(self.tokens, self.positions)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the step without running it
+        # Captured on the stream that ran the eager step, whose cuBLAS workspace now exists.
+        with torch.cuda.graph(self.graph, stream=side):  # records the step without running it
             self.logits = self._forward(self.tokens, self.positions)
         self.cache.seen_tokens -= 1           # the capture counted a step that did not run
         return logits
