@@ -10,6 +10,9 @@
 // shared memory with cp.async, double buffered (the next tile loads while this one is used), over
 // the key span that can fall inside the CTA's windows (attention_key_span): tiles outside the
 // window or the causal range are never loaded.
+// Decode (at most 8 query rows per sequence and kv head, e.g. one new token with a GQA group of
+// 4): a kernel on CUDA cores instead, since the tensor-core kernel would pad those rows to 128;
+// it shares the tile loads and spends its time streaming K/V.
 // Split-KV (flash-decoding): when the grid would not fill the GPU (decode: one token per sequence),
 // each CTA takes one slice of its key span and writes a partial (output, log-sum-exp) to the
 // workspace; a combine kernel merges the slices.
@@ -143,7 +146,7 @@ struct RowBlock {
 };
 
 // Tile loads use 4 threads per row, each taking every 4th 16-byte chunk (so 4 neighbouring lanes
-// read 64 contiguous bytes), 64 rows per pass; chunk i of this thread is column
+// read 64 contiguous bytes), kBlockThreads / 4 rows per pass; chunk i of this thread is column
 // 8 * (threadIdx.x % 4 + 4 * i).
 __device__ __forceinline__ int chunk_column(int i) { return 8 * (threadIdx.x % 4 + 4 * i); }
 
@@ -166,10 +169,10 @@ __device__ __forceinline__ void load_q_tile(const AttentionParams& p, const RowB
 
 // Keys j0 .. j0 + 63 (key order of `span`) into one K/V stage, with their positions (kAbsentKey for
 // rows past the span's end and for padding tokens, which are zero-filled instead of read).
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kBlockThreads = kThreads>
 __device__ __forceinline__ void load_kv_tiles(const AttentionParams& p, const KeySpan& span, const RowBlock& rb,
                                               int j0, T* k_tile, T* v_tile, int* key_pos) {
-  for (int r = threadIdx.x / 4; r < kBlockN; r += kThreads / 4) {
+  for (int r = threadIdx.x / 4; r < kBlockN; r += kBlockThreads / 4) {
     const int j = j0 + r;
     const int64_t position = j < span.end ? key_position(p, span, rb.b, j) : -1;
     const bool present = position >= 0;
@@ -183,6 +186,26 @@ __device__ __forceinline__ void load_kv_tiles(const AttentionParams& p, const Ke
     }
     if (threadIdx.x % 4 == 0) key_pos[r] = present ? static_cast<int>(position) : kAbsentKey;
   }
+}
+
+// The key span of a CTA's queries t_first..t_last of row b, and the tiles [begin, end) of it that
+// split `split` of `num_splits` covers: none when the last query is padding (padding comes first,
+// so then every query is).
+struct TileRange {
+  KeySpan span;
+  int begin, end;
+};
+__device__ __forceinline__ TileRange split_tile_range(const AttentionParams& p, int b, int t_first, int t_last,
+                                                      int num_splits, int split) {
+  TileRange range{};
+  if (p.positions[static_cast<int64_t>(b) * p.tokens + t_last] >= 0) {
+    range.span = attention_key_span(p, b, t_first, t_last);
+    const int tiles = (range.span.end - range.span.begin + kBlockN - 1) / kBlockN;
+    const int per_split = (tiles + num_splits - 1) / num_splits;
+    range.begin = split * per_split;
+    range.end = range.begin + per_split < tiles ? range.begin + per_split : tiles;
+  }
+  return range;
 }
 
 // Per-warp state of 16 query rows: this lane holds rows g and g + 8 (g = lane / 4) of the warp's
@@ -327,17 +350,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int nt = 0; nt < kHeadDim / 8; ++nt) w.out[nt][0] = w.out[nt][1] = w.out[nt][2] = w.out[nt][3] = 0.f;
 
-  // This split's key tiles (none when every query of the block is padding: padding comes first,
-  // so that is when the last token is padding).
-  KeySpan span{};
-  int tile_begin = 0, tile_end = 0;
-  if (positions[t_last] >= 0) {
-    span = attention_key_span(p, rb.b, t_first, t_last);
-    const int tiles = (span.end - span.begin + kBlockN - 1) / kBlockN;
-    const int per_split = (tiles + num_splits - 1) / num_splits;
-    tile_begin = split * per_split;
-    tile_end = tile_begin + per_split < tiles ? tile_begin + per_split : tiles;
-  }
+  const TileRange range = split_tile_range(p, rb.b, t_first, t_last, num_splits, split);
+  const KeySpan& span = range.span;
+  const int tile_begin = range.begin, tile_end = range.end;
 
   if (tile_begin < tile_end) {  // the same for the whole CTA, so the barriers inside are safe
     // Prologue: the Q tile and the first K/V tile as one group.
@@ -424,6 +439,217 @@ __global__ void combine_splits_kernel(T* __restrict__ out,                      
 }
 
 // ---------------------------------------------------------------------------------------------
+// Decode kernel (bf16 / fp16): a CTA of kDecodeThreads threads owns every query row of one
+// (sequence, kv head), at most kDecodeMaxRows, and the key tiles of its split, double buffered
+// through cp.async like the tensor-core kernel. Per 64-key tile:
+//   1. scores: thread t takes key t % 64 and half t / 64 of head_dim, for every row;
+//   2. online softmax: warp w updates rows w and w + 4 (their running max and sum live in its lanes);
+//   3. out += P V: thread t takes 16 bytes of a V row (8 columns) and every kKeyGroups-th key.
+// At the end the key groups' partial outputs are summed through shared memory.
+constexpr int kDecodeMaxRows = 8;
+constexpr int kDecodeThreads = 2 * kBlockN;
+constexpr int kDecodeWarps = kDecodeThreads / 32;
+
+template <int kHeadDim>
+struct DecodeSmem {
+  static constexpr int kStride = Smem<kHeadDim>::kStride;
+  static constexpr int kTile = Smem<kHeadDim>::kTile;
+  static constexpr int kChunks = kHeadDim / 8;                  // 16-byte chunks of a row
+  static constexpr int kKeyGroups = kDecodeThreads / kChunks;   // 16, 10 or 8 (head_dim 64, 96, 128)
+  // K and V stages 0 and 1, key positions, Q (fp32), two halves of scores, per-row rescale factor,
+  // max and sum. The key groups' partial outputs reuse the K/V stages after the last tile.
+  static constexpr size_t kBytes = 4 * kTile * 2 + 2 * kBlockN * sizeof(int) +
+                                   (kDecodeMaxRows * kHeadDim + 2 * kDecodeMaxRows * kBlockN + 3 * kDecodeMaxRows) *
+                                       sizeof(float);
+  static_assert(kKeyGroups * kDecodeMaxRows * kHeadDim * sizeof(float) <= 4 * kTile * 2,
+                "the partial outputs must fit in the K/V stages");
+};
+
+// 8 consecutive 16-bit elements (16 bytes, aligned) as floats.
+template <typename T>
+__device__ __forceinline__ void load8_f32(const T* src, float (&dst)[8]) {
+  const Pack<T, 8> pack = load_pack<8>(src);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) dst[e] = to_f32(pack.v[e]);
+}
+
+// grid (num_splits, num_kv_heads, batch), kDecodeThreads threads, DecodeSmem<kHeadDim>::kBytes of
+// dynamic shared memory; outputs as flash_attention_kernel's.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kDecodeThreads)
+    decode_attention_kernel(const AttentionParams p, int num_splits, float* __restrict__ partial_out,
+                            float* __restrict__ partial_lse) {
+  using S = DecodeSmem<kHeadDim>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* k_tiles = reinterpret_cast<T*>(smem);                          // [2][kBlockN][kStride]
+  T* v_tiles = k_tiles + 2 * S::kTile;                              // [2][kBlockN][kStride]
+  int* key_pos = reinterpret_cast<int*>(v_tiles + 2 * S::kTile);    // [2][kBlockN]
+  float* q_rows = reinterpret_cast<float*>(key_pos + 2 * kBlockN);  // [kDecodeMaxRows][kHeadDim], log2 units
+  float* scores = q_rows + kDecodeMaxRows * kHeadDim;               // [2 halves][kDecodeMaxRows][kBlockN]
+  float* rescale = scores + 2 * kDecodeMaxRows * kBlockN;           // [kDecodeMaxRows]
+  float* row_max = rescale + kDecodeMaxRows;                        // [kDecodeMaxRows]
+  float* row_sum = row_max + kDecodeMaxRows;                        // [kDecodeMaxRows]
+  float* partials = reinterpret_cast<float*>(smem);                 // [kKeyGroups][kDecodeMaxRows][kHeadDim]
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int split = blockIdx.x;
+  const int group = p.num_heads / p.num_kv_heads;
+  const RowBlock rb{static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.y), group, p.tokens * group, 0};
+  const int rows = rb.rows_total;  // <= kDecodeMaxRows (checked by the host)
+  const int64_t* positions = p.positions + static_cast<int64_t>(rb.b) * p.tokens;
+  const TileRange range = split_tile_range(p, rb.b, 0, p.tokens - 1, num_splits, split);
+
+  if (range.begin < range.end) {
+    load_kv_tiles<T, kHeadDim, kDecodeThreads>(p, range.span, rb, range.span.begin + range.begin * kBlockN, k_tiles,
+                                               v_tiles, key_pos);
+    cp_async_commit();
+  }
+  const float scale_log2 = p.scale * kLog2e;
+  for (int i = tid; i < kDecodeMaxRows * kHeadDim; i += kDecodeThreads) {
+    const int r = i / kHeadDim, col = i % kHeadDim;
+    const bool present = r < rows && positions[rb.token(r)] >= 0;
+    q_rows[i] = present ? to_f32(static_cast<const T*>(p.q)[(static_cast<int64_t>(rb.b) * p.tokens + rb.token(r)) *
+                                                                  p.q_token_stride +
+                                                              static_cast<int64_t>(rb.head(r)) * kHeadDim + col]) *
+                              scale_log2
+                        : 0.f;
+  }
+
+  // Running max (log2 units) and sum of rows warp + i * kDecodeWarps, the same in every lane.
+  constexpr int kRowsPerWarp = kDecodeMaxRows / kDecodeWarps;
+  float run_max[kRowsPerWarp], run_sum[kRowsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) run_max[i] = -INFINITY, run_sum[i] = 0.f;
+  float acc[kDecodeMaxRows][8] = {};  // columns 8 * chunk .. + 7 of every row, this thread's keys
+  const int chunk = tid % S::kChunks, key_group = tid / S::kChunks;
+  const bool accumulates = key_group < S::kKeyGroups;
+
+  for (int tile = range.begin; tile < range.end; ++tile) {
+    const int stage = (tile - range.begin) % 2;
+    if (tile + 1 < range.end)
+      load_kv_tiles<T, kHeadDim, kDecodeThreads>(p, range.span, rb, range.span.begin + (tile + 1) * kBlockN,
+                                                 k_tiles + (1 - stage) * S::kTile, v_tiles + (1 - stage) * S::kTile,
+                                                 key_pos + (1 - stage) * kBlockN);
+    cp_async_commit();  // possibly empty: keeps "all but the newest group" meaning "this tile"
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* k_tile = k_tiles + stage * S::kTile;
+    const T* v_tile = v_tiles + stage * S::kTile;
+    const int* tile_pos = key_pos + stage * kBlockN;
+
+    {  // 1. half dot products q . k of one key
+      const int key = tid % kBlockN, half = tid / kBlockN;
+      const T* k_row = k_tile + key * S::kStride + half * (kHeadDim / 2);
+      const float* q_half = q_rows + half * (kHeadDim / 2);
+      float dot[kDecodeMaxRows] = {};
+#pragma unroll
+      for (int c = 0; c < kHeadDim / 2; c += 8) {
+        float k[8];
+        load8_f32(k_row + c, k);
+#pragma unroll
+        for (int r = 0; r < kDecodeMaxRows; ++r) {
+          if (r >= rows) break;
+          const float4 q0 = *reinterpret_cast<const float4*>(q_half + r * kHeadDim + c);
+          const float4 q1 = *reinterpret_cast<const float4*>(q_half + r * kHeadDim + c + 4);
+          dot[r] += q0.x * k[0] + q0.y * k[1] + q0.z * k[2] + q0.w * k[3] + q1.x * k[4] + q1.y * k[5] +
+                    q1.z * k[6] + q1.w * k[7];
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kDecodeMaxRows; ++r)
+        if (r < rows) scores[(half * kDecodeMaxRows + r) * kBlockN + key] = dot[r];
+    }
+    __syncthreads();
+
+    // 2. online softmax; P overwrites the first half of the scores.
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int r = warp + i * kDecodeWarps;
+      if (r >= rows) break;  // the same for the whole warp
+      const int64_t query = positions[rb.token(r)];
+      const int query_pos = query >= 0 ? static_cast<int>(query) : -1;
+      const int window_low = p.window > 0 ? query_pos - p.window : -1;
+      float s[2], tile_max = -INFINITY;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = lane + 32 * e;
+        const bool visible = tile_pos[j] <= query_pos && tile_pos[j] > window_low;
+        s[e] = visible ? scores[r * kBlockN + j] + scores[(kDecodeMaxRows + r) * kBlockN + j] : -INFINITY;
+        tile_max = fmaxf(tile_max, s[e]);
+      }
+      const float new_max = fmaxf(run_max[i], warp_max(tile_max));
+      const float base = new_max == -INFINITY ? 0.f : new_max;  // no visible key yet: keep everything at 0
+      const float factor = exp2_fast(run_max[i] - base);
+      float tile_sum = 0.f;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float weight = exp2_fast(s[e] - base);
+        scores[r * kBlockN + lane + 32 * e] = weight;
+        tile_sum += weight;
+      }
+      run_sum[i] = run_sum[i] * factor + warp_sum(tile_sum);
+      run_max[i] = new_max;
+      if (lane == 0) rescale[r] = factor;
+    }
+    __syncthreads();
+
+    // 3. acc = acc * rescale + P V over this thread's keys.
+    if (accumulates) {
+#pragma unroll
+      for (int r = 0; r < kDecodeMaxRows; ++r) {
+        if (r >= rows) break;
+        const float factor = rescale[r];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[r][e] *= factor;
+      }
+      for (int j = key_group; j < kBlockN; j += S::kKeyGroups) {
+        float v[8];
+        load8_f32(v_tile + j * S::kStride + chunk * 8, v);
+#pragma unroll
+        for (int r = 0; r < kDecodeMaxRows; ++r) {
+          if (r >= rows) break;
+          const float weight = scores[r * kBlockN + j];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[r][e] += weight * v[e];
+        }
+      }
+    }
+    __syncthreads();  // everyone is done with this stage and the scores before they are refilled
+  }
+
+  // Epilogue: the key groups' partial outputs summed, divided by the row's sum.
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int r = warp + i * kDecodeWarps;
+    if (r < rows && lane == 0) row_max[r] = run_max[i], row_sum[r] = run_sum[i];
+  }
+  if (accumulates) {
+#pragma unroll
+    for (int r = 0; r < kDecodeMaxRows; ++r) {
+      if (r >= rows) break;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) partials[(key_group * kDecodeMaxRows + r) * kHeadDim + chunk * 8 + e] = acc[r][e];
+    }
+  }
+  __syncthreads();
+  const int64_t out_rows = static_cast<int64_t>(p.batch) * p.tokens * p.num_heads;
+  for (int i = tid; i < rows * kHeadDim; i += kDecodeThreads) {
+    const int r = i / kHeadDim, col = i % kHeadDim;
+    float total = 0.f;
+    for (int g = 0; g < S::kKeyGroups; ++g) total += partials[(g * kDecodeMaxRows + r) * kHeadDim + col];
+    const float sum = row_sum[r];
+    const float value = sum > 0.f ? total / sum : 0.f;  // padding rows saw no key: output 0
+    const int64_t out_row = (static_cast<int64_t>(rb.b) * p.tokens + rb.token(r)) * p.num_heads + rb.head(r);
+    if (num_splits == 1) {
+      static_cast<T*>(p.out)[out_row * kHeadDim + col] = from_f32<T>(value);
+    } else {
+      partial_out[(split * out_rows + out_row) * kHeadDim + col] = value;
+      if (col == 0) partial_lse[split * out_rows + out_row] = sum > 0.f ? row_max[r] + log2f(sum) : -INFINITY;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // fp32 storage: one warp per query row (b, t, h), lane l holding columns l, l + 32, ...; online
 // softmax over the row's key span, one key at a time.
 constexpr int kFp32WarpsPerBlock = 4;
@@ -479,11 +705,16 @@ int64_t m_blocks(const AttentionParams& p) {
   return (static_cast<int64_t>(p.tokens) * (p.num_heads / p.num_kv_heads) + kBlockM - 1) / kBlockM;
 }
 
+// Whether the CUDA-core decode kernel takes the call (else the tensor-core kernel).
+bool use_decode_kernel(const AttentionParams& p) {
+  return static_cast<int64_t>(p.tokens) * (p.num_heads / p.num_kv_heads) <= kDecodeMaxRows;
+}
+
 // Key slices per CTA, from the sizes only (the cache lengths live on the device): enough CTAs to
 // fill the GPU, each with at least kMinTilesPerSplit tiles of the longest possible span.
 int num_splits(const AttentionParams& p) {
   if (p.dtype == DType::kFloat32) return 1;
-  const int64_t ctas = m_blocks(p) * p.num_kv_heads * p.batch;
+  const int64_t ctas = (use_decode_kernel(p) ? 1 : m_blocks(p)) * p.num_kv_heads * p.batch;
   if (ctas >= kTargetCtas) return 1;
   int64_t keys = static_cast<int64_t>(p.capacity) + p.tokens;
   if (p.window > 0 && keys > static_cast<int64_t>(p.window) + p.tokens) keys = static_cast<int64_t>(p.window) + p.tokens;
@@ -493,13 +724,15 @@ int num_splits(const AttentionParams& p) {
   return static_cast<int>(splits < 1 ? 1 : splits > kMaxSplits ? kMaxSplits : splits);
 }
 
+// The tensor-core or the decode kernel, then the combine kernel when the keys were split.
 template <typename T, int kHeadDim>
-void launch_flash(const AttentionParams& p, int splits, CudaStream stream) {
-  constexpr size_t kSmemBytes = Smem<kHeadDim>::kBytes;
-  auto kernel = flash_attention_kernel<T, kHeadDim>;
-  if (kSmemBytes > 48 * 1024) {
+void launch_attention(const AttentionParams& p, int splits, CudaStream stream) {
+  const bool decode = use_decode_kernel(p);
+  const auto kernel = decode ? decode_attention_kernel<T, kHeadDim> : flash_attention_kernel<T, kHeadDim>;
+  const size_t smem_bytes = decode ? DecodeSmem<kHeadDim>::kBytes : Smem<kHeadDim>::kBytes;
+  if (smem_bytes > 48 * 1024) {
     const cudaError_t error =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
     if (error != cudaSuccess)
       throw std::runtime_error(std::string("mistral_ext: attention: cannot set shared memory size: ") +
                                cudaGetErrorString(error));
@@ -507,9 +740,9 @@ void launch_flash(const AttentionParams& p, int splits, CudaStream stream) {
   const int64_t out_rows = static_cast<int64_t>(p.batch) * p.tokens * p.num_heads;
   float* partial_out = splits > 1 ? static_cast<float*>(p.workspace) : nullptr;
   float* partial_lse = splits > 1 ? partial_out + splits * out_rows * kHeadDim : nullptr;
-  const dim3 grid(static_cast<unsigned>(m_blocks(p) * splits), static_cast<unsigned>(p.num_kv_heads),
+  const dim3 grid(static_cast<unsigned>((decode ? 1 : m_blocks(p)) * splits), static_cast<unsigned>(p.num_kv_heads),
                   static_cast<unsigned>(p.batch));
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, splits, partial_out, partial_lse);
+  kernel<<<grid, decode ? kDecodeThreads : kThreads, smem_bytes, stream>>>(p, splits, partial_out, partial_lse);
   check_launch("attention");
   if (splits > 1) {
     combine_splits_kernel<T><<<static_cast<unsigned>(out_rows), p.head_dim, 0, stream>>>(
@@ -521,9 +754,9 @@ void launch_flash(const AttentionParams& p, int splits, CudaStream stream) {
 template <typename T>
 void launch_for_head_dim(const AttentionParams& p, int splits, CudaStream stream) {
   switch (p.head_dim) {
-    case 64: return launch_flash<T, 64>(p, splits, stream);
-    case 96: return launch_flash<T, 96>(p, splits, stream);
-    case 128: return launch_flash<T, 128>(p, splits, stream);
+    case 64: return launch_attention<T, 64>(p, splits, stream);
+    case 96: return launch_attention<T, 96>(p, splits, stream);
+    case 128: return launch_attention<T, 128>(p, splits, stream);
   }
 }
 

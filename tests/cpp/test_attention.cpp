@@ -156,14 +156,18 @@ void test_bad_params(const std::string& backend, Launch launch) {
 
 #ifdef MISTRAL_EXT_WITH_CUDA
 
-// attention_cuda against attention_cpu on the same inputs. 16-bit: the CUDA kernel rounds the
-// softmax weights to the storage type before the P @ V product (as flash attention does).
+// attention_cuda against attention_cpu on the same inputs, through both CUDA kernels (at most 8
+// query rows per sequence and kv head take the decode kernel). 16-bit: the tensor-core kernel
+// rounds the softmax weights to the storage type before the P @ V product (as flash attention does).
 void test_cuda_against_cpu() {
   std::vector<Case> all;
   for (const Case& c : cases())
     if (c.head_dim != 80) all.push_back(c);  // CPU-only head_dim
   all.push_back({"split-KV decode", 2, 1, 32, 8, 128, 4096, 4096, {8000, 4096}, {0, 0}});
   all.push_back({"split-KV decode d96", 1, 2, 12, 4, 96, 1024, 0, {900}, {1}});
+  // The CUDA-core decode kernel at its row limit (8 = tokens x group), window below capacity.
+  all.push_back({"decode d64 group 8", 2, 1, 16, 2, 64, 300, 256, {1000, 77}, {0, 0}});
+  all.push_back({"decode d128 two tokens", 3, 2, 8, 2, 128, 64, 48, {130, 64, 3}, {0, 1, 0}});
   all.push_back({"long prefill d64", 1, 300, 8, 2, 64, 0, 100, {}, {0}});
   for (const Case& c : all)
     for (DType d : kAllDtypes) {
