@@ -306,6 +306,7 @@ class GenerationMixin:
         num_return_sequences: int = 1,
         tokenizer=None,
         use_cuda_graph: bool = False,
+        prefill_chunk_size: int = 4096,
         **kwargs,
     ) -> torch.LongTensor:
         """Generates continuations of input_ids [batch, prompt] (left-padded, with attention_mask).
@@ -319,7 +320,8 @@ class GenerationMixin:
         fresh one seeded with `seed`; neither: torch's global generator). streamer: an object
         with put()/end() (transformers' protocol) or a callable receiving text, which needs
         tokenizer=. max_new_tokens=0 returns the prompt. use_cuda_graph (CUDA only): replay the
-        decode step as a CUDA graph (same tokens, fewer launches).
+        decode step as a CUDA graph (same tokens, fewer launches). prefill_chunk_size: the prompt
+        runs through the model this many tokens at a time (bounds activation memory; exact).
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
@@ -354,7 +356,8 @@ class GenerationMixin:
                     raise ValueError(f"the prompt has {prompt_length} tokens but max_length is {max_length}: "
                                      "increase max_length or set max_new_tokens")
         for name, value, low in (("max_new_tokens", max_new_tokens, 0), ("min_new_tokens", min_new_tokens, 0),
-                                 ("num_return_sequences", num_return_sequences, 1)):
+                                 ("num_return_sequences", num_return_sequences, 1),
+                                 ("prefill_chunk_size", prefill_chunk_size, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if repetition_penalty <= 0:
@@ -400,10 +403,13 @@ class GenerationMixin:
             output[:, :prompt_length] = input_ids
             if streamer is not None:
                 streamer.put(input_ids.cpu())
-            # The cache is sized for the whole generation at once (capped at the window): no regrowth mid-loop.
-            out = self(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
-                       past_key_values=RollingCache(config, max_length=prompt_length + max_new_tokens))
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            # The cache is sized for the whole generation at once (capped at the window): no regrowth
+            # mid-loop. The prompt runs in chunks: activation memory stays bounded, the result exact.
+            cache = RollingCache(config, max_length=prompt_length + max_new_tokens)
+            for start in range(0, prompt_length, prefill_chunk_size):
+                end = min(start + prefill_chunk_size, prompt_length)
+                logits = self(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
+                              past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
             unfinished = torch.ones(batch, dtype=torch.bool, device=device)
             generated = torch.zeros(batch, dtype=torch.long, device=device)   # per row, eos included

@@ -101,6 +101,16 @@ def test_left_padded_batch_rows_match_alone_and_transformers():
         assert batch[i, ids.shape[1]:].tolist() == alone[0, len(row):].tolist()
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 7])
+def test_prompt_in_chunks_matches_transformers(chunk):
+    """Chunks shorter and longer than the window (6), one row's first chunks all padding."""
+    ours, hf = make_pair(seed=5, sliding_window=6)
+    rows = [prompt(1, n, seed=n)[0].tolist() for n in (2, 17, 9)]
+    ids, mask = left_pad(rows)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], prefill_chunk_size=chunk)
+    assert torch.equal(got, hf_generate(hf, ids, mask, max_new_tokens=12, eos_token_id=None))
+
+
 def test_finished_rows_are_padded_and_generation_stops():
     ours, hf = make_pair(seed=5, sliding_window=None)
     ids = prompt(3, 6, seed=5)
@@ -277,6 +287,7 @@ def test_no_input_ids_starts_from_bos(small_model):
     (dict(input_ids=torch.tensor([[4, VOCAB, 5]])), ValueError, "vocab"),
     (dict(max_length=3, max_new_tokens=None), ValueError, "max_length"),
     (dict(max_new_tokens=-1), ValueError, "max_new_tokens"),
+    (dict(prefill_chunk_size=0), ValueError, "prefill_chunk_size"),
     (dict(do_sample=True, temperature=0.0), ValueError, "temperature"),
     (dict(do_sample=True, top_p=1.5), ValueError, "top_p"),
     (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
