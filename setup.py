@@ -6,6 +6,7 @@ compiles against the torch that is installed:  pip install --no-build-isolation 
 """
 import glob
 import os
+import shlex
 import subprocess
 
 from setuptools import setup
@@ -32,10 +33,10 @@ def check_shared_libstdcxx():
     """Refuses a C++ compiler that has no shared libstdc++ to link: it would put a second, static
     copy of the C++ runtime into the extension beside torch's shared one, and the first error
     message that formats a number would crash (seen with one GPU image's /opt/gcc/bin/g++)."""
-    cxx = os.environ.get("CXX", "c++")
+    cxx = os.environ.get("CXX") or "c++"
     try:
-        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
-                               check=True).stdout.strip()
+        found = subprocess.run(shlex.split(cxx) + ["-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return  # not a GCC-style driver: nothing to check
     if not os.path.isabs(found):

@@ -4,7 +4,8 @@ Measures, on the machine at hand:
   * the memory ceiling (device-to-device copy on CUDA, a large memcpy on CPU, bytes read +
     written) and from it the decode floor: weight bytes / bandwidth per token at batch 1;
   * ours: prefill time, decode ms/token at batch 1, decode tokens/s at a larger batch, peak memory;
-    on CUDA a second time with the decode step replayed as a CUDA graph;
+    on CUDA a second time with the decode step replayed as a CUDA graph (its figures include the
+    capture that every generate() call makes, as a user's call does);
   * transformers (eager and sdpa) on the same weights when it is installed, and the ratios.
 Defaults: on CUDA the Mistral-7B config with random bf16 weights; on CPU the embedded SmolLM2
 model in fp32. Figures are printed as a table and written as JSON with --json.
@@ -136,7 +137,7 @@ def time_workload(name: str, model, device: torch.device, vocab_size: int, args,
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    prefill(prompt)                      # warm-up: kernels, allocator, graph capture
+    prefill(prompt)                      # warm-up: kernels, allocator, cuBLAS
     decode(prompt, min(8, args.new_tokens))
     prefills = [prefill(prompt) for _ in range(args.repeats)]
     t_prefill = _median(prefills)

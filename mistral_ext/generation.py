@@ -157,11 +157,13 @@ class _DecodeStep:
         with torch.cuda.stream(side):
             logits = self._forward(self.tokens, self.positions)
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # Captured on the stream that ran the eager step, whose cuBLAS workspace now exists.
-        with torch.cuda.graph(self.graph, stream=side):  # records the step without running it
-            self.logits = self._forward(self.tokens, self.positions)
-        self.cache.seen_tokens -= 1           # the capture counted a step that did not run
+        graph = torch.cuda.CUDAGraph()
+        try:  # captured on the stream that ran the eager step, whose cuBLAS workspace now exists
+            with torch.cuda.graph(graph, stream=side):  # records the step without running it
+                self.logits = self._forward(self.tokens, self.positions)
+        finally:
+            self.cache.seen_tokens -= 1       # the capture counted a step that did not run
+        self.graph = graph
         return logits
 
 
@@ -372,6 +374,9 @@ class GenerationMixin:
                 raise ValueError(f"top_p must be in [0, 1], got {top_p}")
         elif num_return_sequences > 1:
             raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
+        if use_cuda_graph and self.base_model.kernel_backend != "kernels":
+            raise ValueError("use_cuda_graph=True needs the 'kernels' backend (the reference ops wait for the "
+                             "device, which a graph capture forbids): set_kernel_backend('kernels')")
         if use_cuda_graph and device.type != "cuda":
             raise ValueError(f"use_cuda_graph=True needs the model on a CUDA device, it is on {device}")
         if streamer is not None and not hasattr(streamer, "put"):
