@@ -58,6 +58,9 @@ def extension():
     # No --use_fast_math: it would swap sincosf for __sincosf, far off for RoPE's large angles.
     nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
                   "-DMISTRAL_EXT_WITH_CUDA", "-lineinfo"]
+    # The Hopper attention kernel exists only in sm_90a machine code: the host may pick it only then.
+    if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";"):
+        nvcc_flags.append("-DMISTRAL_EXT_SM90A")
     return cpp_extension.CUDAExtension(
         "mistral_ext._C", cpp_sources + sources("csrc/*.cu") + ["python/ops_cuda.cpp"],
         include_dirs=include_dirs,

@@ -10,6 +10,8 @@
 // shared memory with cp.async, double buffered (the next tile loads while this one is used), over
 // the key span that can fall inside the CTA's windows (attention_key_span): tiles outside the
 // window or the causal range are never loaded.
+// On Hopper, prefill at head_dim 128 can take the wgmma variant of this kernel instead
+// (attention_sm90.cu, MISTRAL_EXT_SM90_ATTENTION=1 until verified on the device).
 // Decode (at most 8 query rows per sequence and kv head, e.g. one new token with a GQA group of
 // 4): a kernel on CUDA cores instead, since the tensor-core kernel would pad those rows to 128;
 // it shares the tile loads and spends its time streaming K/V.
@@ -19,23 +21,19 @@
 // fp32: a simple kernel, one warp per query row, lanes splitting head_dim (no tensor cores).
 //
 // Positions are compared as int32 on the device: they are below 2^31 - 1 since cache_lens is int32.
-#include <climits>
-
-#include "attention_common.h"
-#include "cuda_common.cuh"
+#include "attention_cuda.cuh"
 
 namespace mistral_ext {
 namespace {
 
-constexpr int kBlockM = 128;  // query rows per CTA: each K/V tile read from L2 serves 128 rows
+using namespace detail;
+
 constexpr int kBlockN = 64;   // keys per K/V tile
 constexpr int kWarps = 8;     // 16 query rows each
 constexpr int kThreads = 32 * kWarps;
 constexpr int kTargetCtas = 264;       // split the keys until about two waves of CTAs on an H100 (132 SMs)
 constexpr int kMaxSplits = 64;
 constexpr int kMinTilesPerSplit = 2;   // a slice smaller than this is not worth a partial result
-constexpr int kAbsentKey = INT_MAX;    // key position of empty tile rows: no query sees it
-constexpr float kLog2e = 1.4426950408889634f;
 
 // Shared memory rows are padded by 16 bytes: ldmatrix reads 8 rows of 16 bytes at once, and with a
 // row stride of (head_dim + 8) * 2 bytes (144, 208 or 272) those 8 rows fall in 8 distinct 4-bank
@@ -51,23 +49,6 @@ struct Smem {
 
 // ---------------------------------------------------------------------------------------------
 // PTX wrappers (sm_80+).
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy, cached in L2 only. present = false writes 16 zero bytes and reads
-// nothing (src-size 0), so empty rows never produce NaN through 0 * garbage.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool present) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(smem)), "l"(gmem),
-               "r"(present ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most `kPending` of this thread's most recent groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
 
 // ldmatrix.x4: four 8x8 matrices of 16-bit elements; lanes 8i..8i+7 give the addresses of the 8
 // rows (16 bytes each) of matrix i. Register i of lane l receives matrix i's row l/4, columns
@@ -111,39 +92,8 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two floats rounded to T and packed into one register, lo in the low half.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// 2^x with the SFU (relative error ~2^-22); 2^-inf = 0.
-__device__ __forceinline__ float exp2_fast(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Tensor-core kernel.
-
-// Everything a CTA needs to know about its 128 query rows: row r of the CTA is row0 + r of the
-// (token, head) rows of (b, kv_head), i.e. token (row0 + r) / group, head kv_head * group +
-// (row0 + r) % group.
-struct RowBlock {
-  int b, kv_head, group, rows_total, row0;
-  __device__ int token(int r) const { return (row0 + r) / group; }
-  __device__ int head(int r) const { return kv_head * group + (row0 + r) % group; }
-  __device__ bool exists(int r) const { return row0 + r < rows_total; }
-};
 
 // Tile loads use 4 threads per row, each taking every 4th 16-byte chunk (so 4 neighbouring lanes
 // read 64 contiguous bytes), kBlockThreads / 4 rows per pass; chunk i of this thread is column
@@ -188,37 +138,6 @@ __device__ __forceinline__ void load_kv_tiles(const AttentionParams& p, const Ke
   }
 }
 
-// The key span of a CTA's queries t_first..t_last of row b, and the tiles [begin, end) of it that
-// split `split` of `num_splits` covers: none when the last query is padding (padding comes first,
-// so then every query is).
-struct TileRange {
-  KeySpan span;
-  int begin, end;
-};
-__device__ __forceinline__ TileRange split_tile_range(const AttentionParams& p, int b, int t_first, int t_last,
-                                                      int num_splits, int split) {
-  TileRange range{};
-  if (p.positions[static_cast<int64_t>(b) * p.tokens + t_last] >= 0) {
-    range.span = attention_key_span(p, b, t_first, t_last);
-    const int tiles = (range.span.end - range.span.begin + kBlockN - 1) / kBlockN;
-    const int per_split = (tiles + num_splits - 1) / num_splits;
-    range.begin = split * per_split;
-    range.end = range.begin + per_split < tiles ? range.begin + per_split : tiles;
-  }
-  return range;
-}
-
-// Per-warp state of 16 query rows: this lane holds rows g and g + 8 (g = lane / 4) of the warp's
-// block, i.e. element i of each pair below is row g + 8i.
-template <int kHeadDim>
-struct WarpRows {
-  float out[kHeadDim / 8][4];  // C fragments of the 16 x head_dim output, one per 8 columns
-  float max[2];                // running max of scale * log2(e) * q.k
-  float sum[2];                // running sum of 2^(score - max), this lane's columns only
-  int query_pos[2];            // -1 for padding and rows past the end
-  int window_low[2];           // keys at positions <= window_low are outside the window
-};
-
 // One K/V tile for one warp: S = Q K^T (scaled to log2 units and masked), online softmax update,
 // O += P V. q holds the warp's A fragments of Q, one per 16 columns of head_dim.
 template <typename T, int kHeadDim>
@@ -246,55 +165,11 @@ __device__ __forceinline__ void attend_tile(const uint32_t (&q)[kHeadDim / 16][4
     }
   }
 
-  // Mask and scale: element e of s[nt] is row g + 8 * (e / 2), key nt * 8 + 2c + e % 2.
-  float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int nt = 0; nt < kBlockN / 8; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = e / 2;
-      const int kp = key_pos[nt * 8 + 2 * (lane % 4) + e % 2];
-      const bool visible = kp <= w.query_pos[i] && kp > w.window_low[i];
-      s[nt][e] = visible ? s[nt][e] * scale_log2 : -INFINITY;
-      tile_max[i] = fmaxf(tile_max[i], s[nt][e]);
-    }
-  }
-  // Online softmax per row: the four lanes of a row (same g) share its max through shuffles.
-  float base[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
-    tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
-    const float new_max = fmaxf(w.max[i], tile_max[i]);
-    base[i] = new_max == -INFINITY ? 0.f : new_max;  // no visible key yet: keep everything at 0
-    const float rescale = exp2_fast(w.max[i] - base[i]);
-    w.max[i] = new_max;
-    w.sum[i] *= rescale;
-#pragma unroll
-    for (int nt = 0; nt < kHeadDim / 8; ++nt) {
-      w.out[nt][2 * i] *= rescale;
-      w.out[nt][2 * i + 1] *= rescale;
-    }
-  }
-
-  // P = 2^(S - max) as A fragments: the C fragments of key tiles 2kt and 2kt+1 are exactly the A
-  // fragment of keys kt*16 .. kt*16+15 (a0 = s[2kt][0,1], a1 = s[2kt][2,3], a2 = s[2kt+1][0,1],
-  // a3 = s[2kt+1][2,3]).
+  float factor[2];
+  online_softmax<kBlockN>(s, key_pos, scale_log2, w, factor);
+  rescale_output(w, factor);
   uint32_t pf[kBlockN / 16][4];
-#pragma unroll
-  for (int kt = 0; kt < kBlockN / 16; ++kt) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int nt = 2 * kt + half;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2_fast(s[nt][e] - base[e / 2]);
-        w.sum[e / 2] += s[nt][e];
-      }
-      pf[kt][2 * half] = pack2<T>(s[nt][0], s[nt][1]);
-      pf[kt][2 * half + 1] = pack2<T>(s[nt][2], s[nt][3]);
-    }
-  }
+  pack_probabilities<T, kBlockN>(s, pf);
 
   // O (16 x head_dim) += P (16 x 64) V. B fragments from V rows (keys) by ldmatrix.trans: lanes
   // 0-7 address keys 0-7 at columns dp*16 + 0..7 (-> b0 of column tile 2dp), lanes 8-15 keys 8-15
@@ -330,27 +205,9 @@ __global__ void __launch_bounds__(kThreads)
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int split = blockIdx.x % num_splits;
-  const int group = p.num_heads / p.num_kv_heads;
-  const RowBlock rb{static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.y), group, p.tokens * group,
-                    static_cast<int>(blockIdx.x / num_splits) * kBlockM};
-  const int64_t* positions = p.positions + static_cast<int64_t>(rb.b) * p.tokens;
-  const int last_row = (rb.row0 + kBlockM < rb.rows_total ? rb.row0 + kBlockM : rb.rows_total) - 1;
-  const int t_first = rb.token(0), t_last = last_row / group;
-
-  WarpRows<kHeadDim> w;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp * 16 + lane / 4 + 8 * i;
-    const int64_t position = rb.exists(r) ? positions[rb.token(r)] : -1;
-    w.query_pos[i] = position >= 0 ? static_cast<int>(position) : -1;
-    w.window_low[i] = p.window > 0 ? w.query_pos[i] - p.window : -1;
-    w.max[i] = -INFINITY;
-    w.sum[i] = 0.f;
-  }
-#pragma unroll
-  for (int nt = 0; nt < kHeadDim / 8; ++nt) w.out[nt][0] = w.out[nt][1] = w.out[nt][2] = w.out[nt][3] = 0.f;
-
-  const TileRange range = split_tile_range(p, rb.b, t_first, t_last, num_splits, split);
+  const RowBlock rb = cta_row_block(p, num_splits);
+  WarpRows<kHeadDim> w = start_warp_rows<kHeadDim>(p, rb, warp);
+  const TileRange range = split_tile_range<kBlockN>(p, rb.b, rb.token(0), rb.last_token(), num_splits, split);
   const KeySpan& span = range.span;
   const int tile_begin = range.begin, tile_end = range.end;
 
@@ -387,32 +244,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  // Epilogue: the four lanes of a row add up their partial sums; this lane writes columns
-  // nt*8 + 2c, 2c+1 of rows g and g+8.
-  const int64_t out_rows = static_cast<int64_t>(p.batch) * p.tokens * p.num_heads;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float sum = w.sum[i];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const int r = warp * 16 + lane / 4 + 8 * i;
-    if (!rb.exists(r)) continue;
-    const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;  // padding rows saw no key: output 0
-    const int64_t out_row = (static_cast<int64_t>(rb.b) * p.tokens + rb.token(r)) * p.num_heads + rb.head(r);
-    const int col = 2 * (lane % 4);
-    if (num_splits == 1) {
-      T* dst = static_cast<T*>(p.out) + out_row * kHeadDim + col;
-#pragma unroll
-      for (int nt = 0; nt < kHeadDim / 8; ++nt)
-        *reinterpret_cast<uint32_t*>(dst + nt * 8) = pack2<T>(w.out[nt][2 * i] * inv_sum, w.out[nt][2 * i + 1] * inv_sum);
-    } else {
-      float* dst = partial_out + (split * out_rows + out_row) * kHeadDim + col;
-#pragma unroll
-      for (int nt = 0; nt < kHeadDim / 8; ++nt)
-        *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(w.out[nt][2 * i] * inv_sum, w.out[nt][2 * i + 1] * inv_sum);
-      if (lane % 4 == 0) partial_lse[split * out_rows + out_row] = sum > 0.f ? w.max[i] + log2f(sum) : -INFINITY;
-    }
-  }
+  store_warp_rows<T, kHeadDim>(p, rb, warp, w, num_splits, split, partial_out, partial_lse);
 }
 
 // out[row] = sum_s 2^(lse_s - m) partial_out[s][row] / sum_s 2^(lse_s - m), m = max_s lse_s; rows
@@ -497,7 +329,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const RowBlock rb{static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.y), group, p.tokens * group, 0};
   const int rows = rb.rows_total;  // <= kDecodeMaxRows (checked by the host)
   const int64_t* positions = p.positions + static_cast<int64_t>(rb.b) * p.tokens;
-  const TileRange range = split_tile_range(p, rb.b, 0, p.tokens - 1, num_splits, split);
+  const TileRange range = split_tile_range<kBlockN>(p, rb.b, 0, p.tokens - 1, num_splits, split);
 
   if (range.begin < range.end) {
     load_kv_tiles<T, kHeadDim, kDecodeThreads>(p, range.span, rb, range.span.begin + range.begin * kBlockN, k_tiles,
@@ -724,26 +556,28 @@ int num_splits(const AttentionParams& p) {
   return static_cast<int>(splits < 1 ? 1 : splits > kMaxSplits ? kMaxSplits : splits);
 }
 
-// The tensor-core or the decode kernel, then the combine kernel when the keys were split.
+// The decode, Hopper or tensor-core kernel, then the combine kernel when the keys were split.
 template <typename T, int kHeadDim>
 void launch_attention(const AttentionParams& p, int splits, CudaStream stream) {
   const bool decode = use_decode_kernel(p);
-  const auto kernel = decode ? decode_attention_kernel<T, kHeadDim> : flash_attention_kernel<T, kHeadDim>;
-  const size_t smem_bytes = decode ? DecodeSmem<kHeadDim>::kBytes : Smem<kHeadDim>::kBytes;
-  if (smem_bytes > 48 * 1024) {
-    const cudaError_t error =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
-    if (error != cudaSuccess)
-      throw std::runtime_error(std::string("mistral_ext: attention: cannot set shared memory size: ") +
-                               cudaGetErrorString(error));
-  }
   const int64_t out_rows = static_cast<int64_t>(p.batch) * p.tokens * p.num_heads;
   float* partial_out = splits > 1 ? static_cast<float*>(p.workspace) : nullptr;
   float* partial_lse = splits > 1 ? partial_out + splits * out_rows * kHeadDim : nullptr;
   const dim3 grid(static_cast<unsigned>((decode ? 1 : m_blocks(p)) * splits), static_cast<unsigned>(p.num_kv_heads),
                   static_cast<unsigned>(p.batch));
-  kernel<<<grid, decode ? kDecodeThreads : kThreads, smem_bytes, stream>>>(p, splits, partial_out, partial_lse);
-  check_launch("attention");
+  if (decode) {
+    allow_dynamic_shared_memory(decode_attention_kernel<T, kHeadDim>, DecodeSmem<kHeadDim>::kBytes);
+    decode_attention_kernel<T, kHeadDim>
+        <<<grid, kDecodeThreads, DecodeSmem<kHeadDim>::kBytes, stream>>>(p, splits, partial_out, partial_lse);
+    check_launch("attention");
+  } else if (kHeadDim == 128 && sm90_attention_enabled()) {
+    launch_attention_sm90<T>(p, grid, splits, partial_out, partial_lse, stream);
+  } else {
+    allow_dynamic_shared_memory(flash_attention_kernel<T, kHeadDim>, Smem<kHeadDim>::kBytes);
+    flash_attention_kernel<T, kHeadDim>
+        <<<grid, kThreads, Smem<kHeadDim>::kBytes, stream>>>(p, splits, partial_out, partial_lse);
+    check_launch("attention");
+  }
   if (splits > 1) {
     combine_splits_kernel<T><<<static_cast<unsigned>(out_rows), p.head_dim, 0, stream>>>(
         static_cast<T*>(p.out), partial_out, partial_lse, splits, out_rows, p.head_dim);

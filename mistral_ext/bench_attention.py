@@ -6,7 +6,8 @@ On CUDA, Mistral-7B shapes (32 query heads, 8 kv heads, head_dim 128, window 409
   * prefill S = 4096 and 16384 in one call: ours (sliding window) vs SDPA's flash backend (full
     causal, what a model without a window kernel runs) vs FlexAttention with a sliding-window block
     mask (compiled); time and in-window TFLOP/s (4 * head_dim * heads per visible query-key pair;
-    for SDPA the causal pairs it computes);
+    for SDPA the causal pairs it computes); on an sm_90 GPU both of our prefill kernels (mma.sync,
+    and wgmma), each first checked against FlexAttention's output;
   * decode, one query per sequence over a full 4096-entry ring buffer, batch 1, 16 and 64: ours vs
     SDPA; microseconds and TB/s of K/V read.
 Times are medians of CUDA-event timings. Without a GPU it says so and runs a small CPU
@@ -15,11 +16,12 @@ comparison (ours vs SDPA, SmolLM2-135M attention shapes) instead.
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass, asdict
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from . import ops
 
 HEADS, KV_HEADS, HEAD_DIM, WINDOW = 32, 8, 128, 4096
+SM90_FLAG = "MISTRAL_EXT_SM90_ATTENTION"  # 1: the Hopper (wgmma) prefill kernel, opt-in until verified
 
 
 @dataclass
@@ -77,15 +80,22 @@ def visible_pairs(seq: int, window: Optional[int]) -> int:
     return window * (window + 1) // 2 + (seq - window) * window
 
 
+def our_prefill_kernels() -> List[Tuple[str, str]]:
+    """(label, MISTRAL_EXT_SM90_ATTENTION value) of each prefill kernel of ours this GPU can run."""
+    kernels = [("mma.sync", "0")]
+    if torch.cuda.get_device_capability() == (9, 0):
+        kernels.append(("wgmma", "1"))
+    return kernels
+
+
 def prefill_rows(seq: int, repeats: int) -> List[Row]:
     device, dtype, scale = "cuda", torch.bfloat16, HEAD_DIM ** -0.5
     q = torch.randn(1, seq, HEADS, HEAD_DIM, device=device, dtype=dtype)
     k = torch.randn(1, seq, KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
     v = torch.randn(1, seq, KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
     positions = torch.arange(seq, device=device)[None]
-    ours = time_cuda(lambda: ops.attention(q, k, v, None, None, positions, None, WINDOW, scale), repeats)
     flop_per_pair = 4 * HEAD_DIM * HEADS
-    ours_rate = visible_pairs(seq, WINDOW) * flop_per_pair / ours / 1e12
+    window_flop = visible_pairs(seq, WINDOW) * flop_per_pair
 
     # Peers take [batch, heads, seq, head_dim]; SDPA's flash backend gets K/V expanded to all heads
     # outside the timed region.
@@ -95,9 +105,6 @@ def prefill_rows(seq: int, repeats: int) -> List[Row]:
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
         sdpa = time_cuda(lambda: F.scaled_dot_product_attention(qt, k_full, v_full, is_causal=True, scale=scale),
                          repeats)
-    rows = [Row(f"prefill S={seq}", "SDPA flash (full causal)", ours * 1e3, sdpa * 1e3, "ms", ours_rate,
-                visible_pairs(seq, None) * flop_per_pair / sdpa / 1e12, "TFLOP/s")]
-
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     def sliding_window(b, h, q_idx, kv_idx):
@@ -105,9 +112,30 @@ def prefill_rows(seq: int, repeats: int) -> List[Row]:
 
     block_mask = create_block_mask(sliding_window, B=None, H=None, Q_LEN=seq, KV_LEN=seq, device=device)
     flex = torch.compile(flex_attention, dynamic=False)
-    flex_time = time_cuda(lambda: flex(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=True), repeats)
-    rows.append(Row(f"prefill S={seq}", "FlexAttention sliding window", ours * 1e3, flex_time * 1e3, "ms",
-                    ours_rate, visible_pairs(seq, WINDOW) * flop_per_pair / flex_time / 1e12, "TFLOP/s"))
+    flex_call = lambda: flex(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=True)  # noqa: E731
+    flex_time = time_cuda(flex_call, repeats)
+    expected = flex_call().transpose(1, 2).float()
+
+    rows = []
+    for label, flag in our_prefill_kernels():
+        previous = os.environ.get(SM90_FLAG)
+        os.environ[SM90_FLAG] = flag
+        try:
+            call = lambda: ops.attention(q, k, v, None, None, positions, None, WINDOW, scale)  # noqa: E731
+            error = ((call().float() - expected).abs().max() / expected.abs().max()).item()
+            if error > 2e-2:
+                raise RuntimeError(f"our {label} prefill differs from FlexAttention by {error:.3g} (relative)")
+            ours = time_cuda(call, repeats)
+        finally:
+            if previous is None:
+                del os.environ[SM90_FLAG]
+            else:
+                os.environ[SM90_FLAG] = previous
+        workload = f"prefill S={seq} {label}"
+        rows.append(Row(workload, "SDPA flash (full causal)", ours * 1e3, sdpa * 1e3, "ms", window_flop / ours / 1e12,
+                        visible_pairs(seq, None) * flop_per_pair / sdpa / 1e12, "TFLOP/s"))
+        rows.append(Row(workload, "FlexAttention sliding window", ours * 1e3, flex_time * 1e3, "ms",
+                        window_flop / ours / 1e12, window_flop / flex_time / 1e12, "TFLOP/s"))
     return rows
 
 
@@ -161,11 +189,11 @@ def cpu_rows(repeats: int) -> List[Row]:
 
 
 def print_table(rows: List[Row]) -> None:
-    header = f"{'workload':<22} {'peer':<30} {'ours':>10} {'peer':>10} {'speedup':>8}   {'ours':>8} {'peer':>8}"
+    header = f"{'workload':<27} {'peer':<30} {'ours':>10} {'peer':>10} {'speedup':>8}   {'ours':>8} {'peer':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.workload:<22} {r.peer:<30} {r.ours:>7.3g} {r.unit:<2} {r.peer_time:>7.3g} {r.unit:<2} "
+        print(f"{r.workload:<27} {r.peer:<30} {r.ours:>7.3g} {r.unit:<2} {r.peer_time:>7.3g} {r.unit:<2} "
               f"{r.speedup:>7.2f}x   {r.ours_rate:>8.3g} {r.peer_rate:>8.3g}  {r.rate_unit}")
 
 

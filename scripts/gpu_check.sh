@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU machine must confirm, in one run: builds the extension with the CUDA kernels,
 # runs ctest (CUDA kernels vs CPU kernels), the CUDA pytest cases, compute-sanitizer, the attention
-# microbenchmark, the model benchmark (512- and 4096-token prompts) and the GEMV benchmark.
+# microbenchmark, the model benchmark (512- and 4096-token prompts, the latter also through the
+# Hopper attention kernel) and the GEMV benchmark.
 # Logs and JSON figures go to $RESULTS_DIR (default ./gpu-results).
 #   bash scripts/gpu_check.sh [--quick]    # --quick: tests only, no benchmarks
 # BENCH_ARGS adds arguments to the model benchmark (e.g. "--new-tokens 64 --repeats 2").
@@ -49,6 +50,9 @@ if [[ "${1:-}" != "--quick" ]]; then
   run bench 400 python3 -m mistral_ext.cli bench --json "$RESULTS_DIR/bench.json" $BENCH_ARGS
   run bench-prefill-4096 200 python3 -m mistral_ext.cli bench --prompt-len 4096 --new-tokens 8 --batch 2 \
     --json "$RESULTS_DIR/bench_prefill_4096.json"
+  # The same prompt through the opt-in Hopper attention kernel (ours only).
+  run bench-prefill-4096-sm90 120 env MISTRAL_EXT_SM90_ATTENTION=1 python3 -m mistral_ext.cli bench \
+    --prompt-len 4096 --new-tokens 8 --batch 2 --no-peers --json "$RESULTS_DIR/bench_prefill_4096_sm90.json"
   run bench-linear 150 python3 scripts/bench_linear.py --rows 1 2 4 16
 fi
 exit $status

@@ -287,6 +287,47 @@ def test_cuda_long_prefill(dtype):
     check_against_reference(case, 256)
 
 
+# --- CUDA-only: the Hopper (sm_90a, wgmma) prefill kernel ---------------------------------------
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def launched_kernels(fn):
+    """Names of the CUDA kernels fn() launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {event.name for event in prof.events()}
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("heads,kv_heads,tokens,lengths,cached,capacity,window,dtype", [
+    (32, 8, 700, [700, 513], [0, 40], 256, 256, torch.bfloat16),        # windowed prompt, cache, padding
+    (32, 8, 1100, [1100], [0], 0, None, torch.float16),                  # plain causal
+    (8, 8, 300, [300, 299], [0, 0], 0, 100, torch.bfloat16),             # group 1
+    (8, 1, 50, [50, 17], [130, 0], 64, 64, torch.float16),               # group 8, wrapped ring buffer
+    (32, 8, 40, [40], [5000], 4096, 4096, torch.bfloat16),               # split-KV over a long cache
+    (32, 8, 3, [3, 2], [2000, 4500], 4096, 4096, torch.bfloat16),        # 12 rows: just above decode
+    (32, 8, 30, [30, 0], [0, 9], 32, 32, torch.bfloat16),                # a row of padding only
+])
+def test_cuda_sm90_prefill(monkeypatch, heads, kv_heads, tokens, lengths, cached, capacity, window, dtype):
+    monkeypatch.setenv("MISTRAL_EXT_SM90_ATTENTION", "1")
+    torch.manual_seed(tokens + capacity)
+    case = Case(heads, kv_heads, 128, tokens=tokens, lengths=lengths, cached=cached, capacity=capacity,
+                dtype=dtype, device="cuda")
+    check_against_reference(case, window)
+    kernels = launched_kernels(lambda: ops.attention(*case.args(window)))
+    assert any("flash_attention_sm90_kernel" in name for name in kernels), kernels
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a compute capability 9.0 GPU")
+def test_cuda_sm90_kernel_is_opt_in(monkeypatch):
+    monkeypatch.delenv("MISTRAL_EXT_SM90_ATTENTION", raising=False)
+    case = Case(32, 8, 128, tokens=64, lengths=[64], dtype=torch.bfloat16, device="cuda")
+    kernels = launched_kernels(lambda: ops.attention(*case.args(None)))
+    assert not any("sm90" in name for name in kernels), kernels
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 def good_args(**changes):

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -159,7 +160,8 @@ void test_bad_params(const std::string& backend, Launch launch) {
 // attention_cuda against attention_cpu on the same inputs, through both CUDA kernels (at most 8
 // query rows per sequence and kv head take the decode kernel). 16-bit: the tensor-core kernel
 // rounds the softmax weights to the storage type before the P @ V product (as flash attention does).
-void test_cuda_against_cpu() {
+// `label` names the kernel set under test in the failure messages.
+void test_cuda_against_cpu(const std::string& label) {
   std::vector<Case> all;
   for (const Case& c : cases())
     if (c.head_dim != 80) all.push_back(c);  // CPU-only head_dim
@@ -169,6 +171,8 @@ void test_cuda_against_cpu() {
   all.push_back({"decode d64 group 8", 2, 1, 16, 2, 64, 300, 256, {1000, 77}, {0, 0}});
   all.push_back({"decode d128 two tokens", 3, 2, 8, 2, 128, 64, 48, {130, 64, 3}, {0, 1, 0}});
   all.push_back({"long prefill d64", 1, 300, 8, 2, 64, 0, 100, {}, {0}});
+  // Prefill at head_dim 128 (the Hopper kernel's): several 128-key tiles, wrapped cache, padding.
+  all.push_back({"long prefill d128", 2, 260, 8, 2, 128, 64, 64, {100, 0}, {0, 37}});
   for (const Case& c : all)
     for (DType d : kAllDtypes) {
       Inputs in(c, d);
@@ -187,7 +191,7 @@ void test_cuda_against_cpu() {
       p.workspace = workspace.data();
       attention_cuda(p, nullptr);
       const double atol = d == DType::kFloat32 ? 1e-5 : d == DType::kBFloat16 ? 1e-2 : 2e-3;
-      expect_close("attention_cuda " + c.name + " " + dtype_name(d), out.to_host(d), as_doubles(cpu_out),
+      expect_close("attention_cuda " + label + c.name + " " + dtype_name(d), out.to_host(d), as_doubles(cpu_out),
                    {atol, 2 * rtol_for(d)});
     }
 }
@@ -209,9 +213,18 @@ int main() {
     const AttentionParams p = in.params(c, DType::kBFloat16, out.data());
     expect_invalid("cuda head_dim 80", [&] { attention_cuda(p, nullptr); });
   }
-  if (cuda_device_present())
-    test_cuda_against_cpu();
-  else
+  if (cuda_device_present()) {
+    test_cuda_against_cpu("");
+    // On a compute capability 9.0 device, again with the opt-in Hopper prefill kernel.
+    int major = 0, minor = 0;
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0), "cudaDeviceGetAttribute");
+    if (major == 9 && minor == 0) {
+      setenv("MISTRAL_EXT_SM90_ATTENTION", "1", 1);
+      test_cuda_against_cpu("(sm90) ");
+      unsetenv("MISTRAL_EXT_SM90_ATTENTION");
+    }
+  } else
     std::printf("SKIP attention_cuda against attention_cpu: no CUDA device\n");
 #endif
   if (failures == 0) std::printf("OK attention\n");
