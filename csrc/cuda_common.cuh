@@ -82,6 +82,12 @@ inline void dispatch_pack_width(bool packed, Fn&& fn) {
     fn(std::integral_constant<int, 1>{});
 }
 
+// The block copies n elements (a multiple of W) from src to dst, W at a time.
+template <int W, typename T>
+__device__ __forceinline__ void block_copy(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
+  for (int64_t c = threadIdx.x; c < n / W; c += blockDim.x) store_pack<W>(dst + c * W, load_pack<W>(src + c * W));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

@@ -13,26 +13,20 @@ namespace {
 constexpr int kMaxThreads = 256;
 
 template <typename T, int W>
-__global__ void __launch_bounds__(kMaxThreads)
-    kv_cache_write_kernel(T* __restrict__ k_cache,                // [batch, capacity, kv_heads, head_dim]
-                          T* __restrict__ v_cache,                // [batch, capacity, kv_heads, head_dim]
-                          const T* __restrict__ k,                // [batch, tokens, kv_heads, head_dim], token stride k_token_stride
-                          int64_t k_token_stride,
-                          const T* __restrict__ v,                // same shape, token stride v_token_stride
-                          int64_t v_token_stride,
-                          const int64_t* __restrict__ positions,  // [batch, tokens]
-                          int tokens, int capacity, int64_t token_elems) {
+__global__ void __launch_bounds__(kMaxThreads) kv_cache_write_kernel(
+    T* __restrict__ k_cache,                // [batch, capacity, kv_heads, head_dim]
+    T* __restrict__ v_cache,                // [batch, capacity, kv_heads, head_dim]
+    const T* __restrict__ k,                // [batch, tokens, kv_heads, head_dim], token stride k_token_stride
+    int64_t k_token_stride,
+    const T* __restrict__ v,                // same shape, token stride v_token_stride
+    int64_t v_token_stride,
+    const int64_t* __restrict__ positions,  // [batch, tokens]
+    int tokens, int capacity, int64_t token_elems) {
   const int64_t token = blockIdx.x;  // b * tokens + t
-  const int64_t b = token / tokens;
-  const int64_t slot = kv_cache_slot(positions[token], positions[b * tokens + tokens - 1], capacity);
-  if (slot < 0) return;
-  const int64_t dst = (b * capacity + slot) * token_elems;
-  const T* k_src = k + token * k_token_stride;
-  const T* v_src = v + token * v_token_stride;
-  for (int64_t c = threadIdx.x; c < token_elems / W; c += blockDim.x) {
-    store_pack<W>(k_cache + dst + c * W, load_pack<W>(k_src + c * W));
-    store_pack<W>(v_cache + dst + c * W, load_pack<W>(v_src + c * W));
-  }
+  const int64_t dst = kv_cache_offset(positions, token, tokens, capacity, token_elems);
+  if (dst < 0) return;
+  block_copy<W>(k_cache + dst, k + token * k_token_stride, token_elems);
+  block_copy<W>(v_cache + dst, v + token * v_token_stride, token_elems);
 }
 
 }  // namespace

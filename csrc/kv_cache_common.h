@@ -1,4 +1,4 @@
-// Shared by the CPU and CUDA cache-write kernels: argument checks and the slot rule.
+// Shared by the CPU and CUDA cache-write kernels: argument checks, the slot rule and the slot's offset.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +18,16 @@ inline void check_kv_cache_write_params(const KvCacheWriteParams& p) {
 MISTRAL_EXT_HOST_DEVICE inline int64_t kv_cache_slot(int64_t position, int64_t last_position, int32_t capacity) {
   if (position < 0 || position <= last_position - capacity) return -1;
   return position % capacity;
+}
+
+// Element offset, in its row's buffer of [batch, capacity, kv_heads, head_dim], of the slot of
+// token `token` (= b * tokens + t), or -1 when kv_cache_slot skips the token.
+MISTRAL_EXT_HOST_DEVICE inline int64_t kv_cache_offset(const int64_t* positions,  // [batch, tokens]
+                                                       int64_t token, int32_t tokens, int32_t capacity,
+                                                       int64_t token_elems) {
+  const int64_t b = token / tokens;
+  const int64_t slot = kv_cache_slot(positions[token], positions[b * tokens + tokens - 1], capacity);
+  return slot < 0 ? -1 : (b * capacity + slot) * token_elems;
 }
 
 }  // namespace mistral_ext

@@ -21,4 +21,9 @@ inline float rope_inv_freq(int32_t i, int32_t head_dim, float theta) {
   return static_cast<float>(1.0 / std::pow(static_cast<double>(theta), (2.0 * i) / static_cast<double>(head_dim)));
 }
 
+// inv_freq[i] = rope_inv_freq(i, head_dim, theta) for i < head_dim / 2.
+inline void fill_rope_inv_freq(float* inv_freq, int32_t head_dim, float theta) {
+  for (int32_t i = 0; i < head_dim / 2; ++i) inv_freq[i] = rope_inv_freq(i, head_dim, theta);
+}
+
 }  // namespace mistral_ext

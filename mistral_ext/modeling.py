@@ -8,6 +8,7 @@ set_kernel_backend):
     rotary_embedding_(q, k)                             # in place, on the views
     a           = attention(q, k, v, cache)             # sliding window over cache + chunk, GQA
     kv_cache_write_(cache, k, v)                        # ring buffer, slot = position % capacity
+                                                        # (decode: rotary + write fused, before attention)
     h, residual = fused_add_rms_norm(a @ W_o, residual)
     x           = silu_and_mul(h @ W_gate|up) @ W_down
 
@@ -185,13 +186,23 @@ class MistralAttention(FusedProjections):
         q = q.view(batch, tokens, self.num_heads, self.head_dim)
         k = k.view(batch, tokens, self.num_kv_heads, self.head_dim)
         v = v.view(batch, tokens, self.num_kv_heads, self.head_dim)
-        ops.rotary_embedding_(q, k, positions, self.rope_theta)
-        if cache is None:
-            out = ops.attention(q, k, v, None, None, positions, None, self.sliding_window, self.scaling)
-        else:
+        k_cache = v_cache = cache_lens = None
+        if cache is not None:
             k_cache, v_cache = cache.key_cache[self.layer_idx], cache.value_cache[self.layer_idx]
-            out = ops.attention(q, k, v, k_cache, v_cache, positions, cache.cache_lens,
-                                self.sliding_window, self.scaling)
+            cache_lens = cache.cache_lens
+        # A decode step writes its key before attention, fused with RoPE (one launch). Exact: to
+        # attention (cache_lens not yet advanced) the new token's slot p % capacity holds position
+        # p - capacity (or older), outside query p's window as capacity >= window, or absent when the
+        # capacity is smaller (it then exceeds every position). So the key overwritten was not needed
+        # and the new one is read once, from k. A longer chunk writes after attention: writing first
+        # would overwrite keys that its earlier queries still see.
+        write_first = cache is not None and tokens == 1
+        if write_first:
+            ops.rotary_embedding_cache_write_(q, k, v, k_cache, v_cache, positions, self.rope_theta)
+        else:
+            ops.rotary_embedding_(q, k, positions, self.rope_theta)
+        out = ops.attention(q, k, v, k_cache, v_cache, positions, cache_lens, self.sliding_window, self.scaling)
+        if cache is not None and not write_first:
             ops.kv_cache_write_(k_cache, v_cache, k, v, positions)
         return ops.linear(out.reshape(batch, tokens, -1), self.o_proj.weight)
 

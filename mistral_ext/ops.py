@@ -43,6 +43,14 @@ def kv_cache_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Ten
     _ops.kv_cache_write_(k_cache, v_cache, key, value, positions)
 
 
+def rotary_embedding_cache_write_(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                  k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                                  theta: float) -> None:
+    """rotary_embedding_(query, key, positions, theta) then kv_cache_write_(k_cache, v_cache, key,
+    value, positions) with the rotated key, in one pass (one kernel launch on CUDA)."""
+    _ops.rotary_embedding_cache_write_(query, key, value, k_cache, v_cache, positions, theta)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T over the last dimension (F.linear without bias), fp32 accumulation.
 
@@ -76,6 +84,11 @@ def _silu_and_mul_fake(x):
 
 @torch.library.register_fake("mistral_ext::kv_cache_write_")
 def _kv_cache_write_fake(k_cache, v_cache, key, value, positions):
+    return None
+
+
+@torch.library.register_fake("mistral_ext::rotary_embedding_cache_write_")
+def _rotary_embedding_cache_write_fake(query, key, value, k_cache, v_cache, positions, theta):
     return None
 
 

@@ -70,6 +70,13 @@ def kv_cache_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Ten
             v_cache[b, position % capacity] = value[b, t]
 
 
+def rotary_embedding_cache_write_(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                  k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                                  theta: float) -> None:
+    rotary_embedding_(query, key, positions, theta)
+    kv_cache_write_(k_cache, v_cache, key, value, positions)
+
+
 def cached_positions(cache_lens: torch.Tensor, capacity: int) -> torch.Tensor:
     """Position held by each ring-buffer slot, [batch, capacity]; -1 for empty slots.
 

@@ -58,6 +58,15 @@ void kv_cache_write_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor&
   if (p.batch > 0 && p.tokens > 0) Backend::launch(p);
 }
 
+template <typename Backend>
+void rotary_embedding_cache_write_(at::Tensor& query, at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache,
+                                   at::Tensor& v_cache, const at::Tensor& positions, double theta) {
+  typename Backend::Guard guard(query);
+  const RotaryCacheWriteParams p =
+      make_rotary_cache_write_params(query, key, value, k_cache, v_cache, positions, theta);
+  if (p.rotary.tokens > 0) Backend::launch(p);
+}
+
 // Backend::workspace_bytes(p) says how much device scratch the launch needs; it is allocated here
 // (through torch's allocator, so it is stream-ordered and cached) and freed after the launch.
 template <typename Backend>
@@ -105,6 +114,7 @@ void register_impls(torch::Library& m) {
   m.impl("rotary_embedding_", &rotary_embedding_<Backend>);
   m.impl("silu_and_mul", &silu_and_mul<Backend>);
   m.impl("kv_cache_write_", &kv_cache_write_<Backend>);
+  m.impl("rotary_embedding_cache_write_", &rotary_embedding_cache_write_<Backend>);
   m.impl("attention", &attention<Backend>);
   m.impl("linear", &linear<Backend>);
 }

@@ -152,6 +152,13 @@ KvCacheWriteParams make_kv_cache_write_params(at::Tensor& k_cache, at::Tensor& v
   return p;
 }
 
+RotaryCacheWriteParams make_rotary_cache_write_params(at::Tensor& query, at::Tensor& key, const at::Tensor& value,
+                                                      at::Tensor& k_cache, at::Tensor& v_cache,
+                                                      const at::Tensor& positions, double theta) {
+  return {make_rotary_params(query, key, positions, theta),
+          make_kv_cache_write_params(k_cache, v_cache, key, value, positions)};
+}
+
 namespace {
 
 void check_fits_int32(int64_t n, const char* what) {

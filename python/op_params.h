@@ -75,6 +75,10 @@ RotaryParams make_rotary_params(at::Tensor& query, at::Tensor& key, const at::Te
 SiluAndMulParams make_silu_and_mul_params(const at::Tensor& input, at::Tensor& out);
 KvCacheWriteParams make_kv_cache_write_params(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& key,
                                               const at::Tensor& value, const at::Tensor& positions);
+// The checks of both ops it fuses: rotary on query/key, the cache write of the (rotated) key.
+RotaryCacheWriteParams make_rotary_cache_write_params(at::Tensor& query, at::Tensor& key, const at::Tensor& value,
+                                                      at::Tensor& k_cache, at::Tensor& v_cache,
+                                                      const at::Tensor& positions, double theta);
 AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const std::optional<at::Tensor>& k_cache,
                                       const std::optional<at::Tensor>& v_cache, const at::Tensor& positions,

@@ -17,6 +17,7 @@ struct CpuBackend {
   static void launch(const RotaryParams& p) { rotary_embedding_cpu(p); }
   static void launch(const SiluAndMulParams& p) { silu_and_mul_cpu(p); }
   static void launch(const KvCacheWriteParams& p) { kv_cache_write_cpu(p); }
+  static void launch(const RotaryCacheWriteParams& p) { rotary_embedding_cache_write_cpu(p); }
   static size_t workspace_bytes(const AttentionParams&) { return 0; }
   static void launch(const AttentionParams& p) { attention_cpu(p); }
   static void launch(const LinearParams& p) { linear_cpu(p); }
@@ -33,6 +34,8 @@ TORCH_LIBRARY(mistral_ext, m) {
   m.def("rotary_embedding_(Tensor(a!) query, Tensor(b!) key, Tensor positions, float theta) -> ()");
   m.def("silu_and_mul(Tensor input) -> Tensor");
   m.def("kv_cache_write_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, Tensor positions) -> ()");
+  m.def("rotary_embedding_cache_write_(Tensor(a!) query, Tensor(b!) key, Tensor value, Tensor(c!) k_cache, "
+        "Tensor(d!) v_cache, Tensor positions, float theta) -> ()");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? k_cache, Tensor? v_cache, Tensor positions, "
         "Tensor? cache_lens, int window, float scale) -> Tensor");
   m.def("linear(Tensor input, Tensor weight) -> Tensor");

@@ -22,6 +22,7 @@ struct CudaBackend {
   static void launch(const RotaryParams& p) { rotary_embedding_cuda(p, stream()); }
   static void launch(const SiluAndMulParams& p) { silu_and_mul_cuda(p, stream()); }
   static void launch(const KvCacheWriteParams& p) { kv_cache_write_cuda(p, stream()); }
+  static void launch(const RotaryCacheWriteParams& p) { rotary_embedding_cache_write_cuda(p, stream()); }
   static size_t workspace_bytes(const AttentionParams& p) { return attention_workspace_bytes(p); }
   static void launch(const AttentionParams& p) { attention_cuda(p, stream()); }
   static void launch(const LinearParams& p) { linear_cuda(p, stream()); }

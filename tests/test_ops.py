@@ -1,5 +1,6 @@
 """The non-attention ops (rms_norm, fused_add_rms_norm, rotary_embedding_, silu_and_mul,
-kv_cache_write_, linear): kernels against mistral_ext.reference, reference against independent math
+kv_cache_write_, rotary_embedding_cache_write_, linear): kernels against mistral_ext.reference (and
+the fused op against the two kernels it fuses), reference against independent math
 (torch.nn.functional, complex rotation, transformers' RoPE, hand-computed cache slots), schema
 and fake-impl checks (opcheck, torch.compile), and bad input raising errors that name the argument.
 """
@@ -166,6 +167,50 @@ def test_kv_cache_write(device, dtype, batch, tokens, kv_heads, head_dim, capaci
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
 
+ROTARY_CACHE_CASES = [  # batch, tokens, heads, kv_heads, head_dim, capacity, row starts
+    (3, 1, 5, 1, 64, 7, [-1, 6, 131071]),      # decode: a padding row, wrapped rings, odd head count
+    (4, 1, 32, 8, 128, 16, [15, 16, 4095, 0]),  # decode, Mistral's heads, around a wrap
+    (2, 6, 3, 3, 128, 4, [-2, 4090]),           # left padding; chunk longer than the ring (write skips)
+    (2, 3, 3, 1, 6, 5, [1, 999_998]),           # tiny head_dim (odd half), far positions
+    (3, 2, 2, 1, 96, 3, [-2, 9, 4]),            # a row of padding only; head_dim 96
+    (2, 1, 1, 1, 256, 2, [0, 7]),               # head_dim 256
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,tokens,heads,kv_heads,head_dim,capacity,starts", ROTARY_CACHE_CASES)
+@pytest.mark.parametrize("layout", ["fused_qkv", "contiguous"])
+def test_rotary_embedding_cache_write(device, dtype, batch, tokens, heads, kv_heads, head_dim, capacity, starts,
+                                      layout):
+    if layout == "fused_qkv":  # q, k, v: column views of one projection output, as the model makes them
+        q, k, v = split_qkv(fused_qkv(batch, tokens, heads, kv_heads, head_dim, 3, dtype, device), heads, kv_heads,
+                            head_dim)
+    else:
+        q = rand(batch, tokens, heads, head_dim, dtype=dtype, device=device)
+        k, v = (rand(batch, tokens, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2))
+    caches = [rand(batch, capacity, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2)]
+    positions = left_padded_positions(batch, tokens, starts, device)
+    theta = 1e6 if head_dim == 96 else 10000.0
+    v_before = v.clone()
+
+    want = [t.clone() for t in (q, k, *caches)]  # reference: rotary, then the cache write
+    reference.rotary_embedding_(want[0], want[1], positions, theta)
+    reference.kv_cache_write_(want[2], want[3], want[1], v, positions)
+    unfused = [t.clone() for t in (q, k, *caches)]  # our two kernels one after the other
+    ops.rotary_embedding_(unfused[0], unfused[1], positions, theta)
+    ops.kv_cache_write_(unfused[2], unfused[3], unfused[1], v, positions)
+
+    ops.rotary_embedding_cache_write_(q, k, v, *caches, positions, theta)
+    for got, expected, name in zip((q, k, *caches), want, ("query", "key", "k_cache", "v_cache")):
+        torch.testing.assert_close(got, expected, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    for got, expected in zip((q, k, *caches), unfused):  # the same arithmetic, bit for bit
+        assert torch.equal(got, expected)
+    assert torch.equal(v, v_before)
+    padding = positions < 0
+    assert torch.equal(q[padding], want[0][padding]) and torch.equal(k[padding], want[1][padding])
+
+
 # --------------------------------------------------------------------------------------------
 # Schema, fake implementations, torch.compile
 
@@ -182,11 +227,12 @@ def opcheck_cases(device):
         (m.rotary_embedding_.default, (q, k, positions, 10000.0)),
         (m.silu_and_mul.default, (rand(3, 34, device=device),)),
         (m.kv_cache_write_.default, (*caches, k, value, positions)),
+        (m.rotary_embedding_cache_write_.default, (q, k, value, *caches, positions, 10000.0)),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_opcheck(device, case):
     op, args = opcheck_cases(device)[case]
     torch.library.opcheck(op, args)
@@ -216,6 +262,25 @@ def test_torch_compile_fullgraph():
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     for got, want in zip(compiled_inputs, eager_inputs):  # the in-place updates happened too
+        assert torch.equal(got, want)
+
+
+def decode_rotary_cache_write(qkv, positions, k_cache, v_cache, heads: int, kv_heads: int, head_dim: int):
+    """The model's decode step: the fused op on q, k, v views of one projection output."""
+    q, k, v = split_qkv(qkv, heads, kv_heads, head_dim)
+    ops.rotary_embedding_cache_write_(q, k, v, k_cache, v_cache, positions, 10000.0)
+    return q * 1
+
+
+def test_torch_compile_rotary_embedding_cache_write():
+    batch, heads, kv_heads, head_dim = 3, 4, 2, 64
+    eager_inputs = (rand(batch, 1, (heads + 2 * kv_heads) * head_dim), left_padded_positions(batch, 1, [-1, 4, 9]),
+                    rand(batch, 5, kv_heads, head_dim), rand(batch, 5, kv_heads, head_dim))
+    compiled_inputs = tuple(t.clone() for t in eager_inputs)
+    eager = decode_rotary_cache_write(*eager_inputs, heads, kv_heads, head_dim)
+    compiled = torch.compile(decode_rotary_cache_write, fullgraph=True)(*compiled_inputs, heads, kv_heads, head_dim)
+    assert torch.equal(compiled, eager)
+    for got, want in zip(compiled_inputs, eager_inputs):  # qkv and both caches updated in place
         assert torch.equal(got, want)
 
 
@@ -395,6 +460,43 @@ def test_kv_cache_write_bad_input(device):
             ops.kv_cache_write_(*args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_embedding_cache_write_bad_input(device):
+    q, k, v = rand(2, 3, 4, 8, device=device), rand(2, 3, 2, 8, device=device), rand(2, 3, 2, 8, device=device)
+    k_cache, v_cache = rand(2, 4, 2, 8, device=device), rand(2, 4, 2, 8, device=device)
+    positions = torch.arange(3, device=device).expand(2, 3).contiguous()
+    good = dict(query=q, key=k, value=v, k_cache=k_cache, v_cache=v_cache, positions=positions, theta=10000.0)
+    before = {name: t.clone() for name, t in good.items() if isinstance(t, torch.Tensor)}
+    for changes, name in [
+        (dict(query=rand(2, 3, 4, 7, device=device), key=rand(2, 3, 2, 7, device=device),
+              value=rand(2, 3, 2, 7, device=device), k_cache=rand(2, 4, 2, 7, device=device),
+              v_cache=rand(2, 4, 2, 7, device=device)), "head_dim"),             # odd head_dim
+        (dict(query=q.int()), "query"),
+        (dict(query=rand(2, 3, 32, device=device)), "query"),                     # not 4-D
+        (dict(key=k.bfloat16()), "key"),                                          # dtype differs from query's
+        (dict(key=rand(2, 2, 2, 8, device=device)), "key"),                       # tokens differ from query's
+        (dict(value=v.half()), "value"),
+        (dict(value=rand(2, 2, 2, 8, device=device)), "value"),                   # tokens differ from key's
+        (dict(value=rand(2, 3, 3, 8, device=device)), "value"),                   # kv heads differ from the cache's
+        (dict(k_cache=rand(3, 4, 2, 8, device=device), v_cache=rand(3, 4, 2, 8, device=device)),
+         "k_cache"),                                                              # cache batch differs
+        (dict(k_cache=rand(2, 4, 16, device=device)), "k_cache"),                 # not 4-D
+        (dict(k_cache=rand(2, 2, 4, 8, device=device).transpose(1, 2)), "k_cache"),  # not contiguous
+        (dict(k_cache=rand(2, 0, 2, 8, device=device), v_cache=rand(2, 0, 2, 8, device=device)), "k_cache"),
+        (dict(v_cache=rand(2, 5, 2, 8, device=device)), "v_cache"),               # shape differs from k_cache's
+        (dict(v_cache=v_cache.bfloat16()), "v_cache"),
+        (dict(positions=positions.int()), "positions"),
+        (dict(positions=positions[:1]), "positions"),                             # batch of 1, not 2
+        (dict(positions=positions[:, :2].contiguous()), "positions"),
+        (dict(positions=positions.flatten()), "positions"),
+        (dict(theta=0.0), "theta"),
+    ]:
+        with pytest.raises(BAD, match=name):
+            ops.rotary_embedding_cache_write_(**{**good, **changes})
+    for name, t in before.items():  # checked before anything was written
+        assert torch.equal(good[name], t), name
+
+
 @requires_cuda
 def test_mixed_devices_name_the_argument():
     x, w = rand(3, 8, device="cuda"), rand(8)
@@ -408,6 +510,15 @@ def test_mixed_devices_name_the_argument():
     caches = rand(1, 4, 1, 64, device="cuda"), rand(1, 4, 1, 64, device="cuda")
     with pytest.raises(BAD, match="value"):
         ops.kv_cache_write_(*caches, k, k.cpu(), torch.arange(2, device="cuda")[None])
+    positions = torch.arange(2, device="cuda")[None]
+    with pytest.raises(BAD, match="positions"):
+        ops.rotary_embedding_cache_write_(q, k, k.clone(), *caches, positions.cpu(), 10000.0)
+    with pytest.raises(BAD, match="value"):
+        ops.rotary_embedding_cache_write_(q, k, k.cpu(), *caches, positions, 10000.0)
+    with pytest.raises(BAD, match="k_cache"):
+        ops.rotary_embedding_cache_write_(q, k, k.clone(), caches[0].cpu(), caches[1], positions, 10000.0)
+    with pytest.raises(BAD, match="query"):
+        ops.rotary_embedding_cache_write_(q.cpu(), k, k.clone(), *caches, positions, 10000.0)
 
 
 # --------------------------------------------------------------------------------------------

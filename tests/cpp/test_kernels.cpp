@@ -1,12 +1,14 @@
 // Tests of the kernel library's non-attention ops (RMSNorm, fused add + RMSNorm, rotary,
-// SiLU-and-mul, KV-cache write):
+// SiLU-and-mul, KV-cache write, fused rotary + KV-cache write):
 //  * each CPU kernel against a plain double-precision loop written here, on random inputs with
-//    odd and usual sizes and strided layouts, in fp32, bf16 and fp16;
+//    odd and usual sizes and strided layouts, in fp32, bf16 and fp16; the fused rotary + cache
+//    write against the CPU rotary and cache-write kernels run one after the other (bit for bit);
 //  * bad parameters throw std::invalid_argument, from the CPU entry points and, when built with
 //    CUDA, from the CUDA ones (their checks run before any device work, so no GPU is needed);
 //  * the fp16 / bf16 conversions of csrc/common.h against known bit patterns;
 //  * when built with CUDA and a device is present, each CUDA kernel against the CPU kernel in
-//    fp32, fp16 and bf16, on 16-byte-aligned layouts (packed path) and unaligned ones (scalar).
+//    fp32, fp16 and bf16, on 16-byte-aligned layouts (packed path) and unaligned ones (scalar);
+//    the fused rotary + cache write also against the two CUDA kernels it fuses (bit for bit).
 // Prints one line per failed check and exits non-zero if there was any.
 #include <cmath>
 #include <cstdint>
@@ -207,6 +209,58 @@ void test_kv_cache_write_cpu(DType d) {
   }
 }
 
+// A fused rotary + cache-write case: q, k, v are column slices of a fused [q | k | v | pad]
+// buffer of batch * tokens tokens.
+struct RotaryCacheCase {
+  int batch, tokens, heads, kv_heads, head_dim, capacity, pad;
+  int64_t width() const { return (heads + 2 * kv_heads) * int64_t{head_dim} + pad; }
+  int64_t cache_elems() const { return int64_t{batch} * capacity * kv_heads * head_dim; }
+};
+
+const RotaryCacheCase kRotaryCacheCases[] = {
+    {3, 1, 5, 1, 64, 7, 0},     // decode steps, odd head count
+    {5, 1, 32, 8, 128, 16, 0},  // decode steps, Mistral's heads
+    {5, 6, 3, 3, 128, 4, 3},    // chunks longer than the ring: tokens rotated but not written
+    {3, 3, 3, 1, 6, 5, 1},      // tiny head_dim (odd half)
+    {2, 2, 2, 2, 256, 3, 0},
+};
+
+// Rows: left padding, wrapped rings, a continuation past a 4096 window, padding only, 128k.
+const std::vector<int64_t> kRotaryCacheStarts = {-1, 6, 4090, -100, 131071};
+
+// The params of case c over a qkv buffer and two caches (host or device pointers alike).
+RotaryCacheWriteParams rotary_cache_params(DType d, const RotaryCacheCase& c, void* qkv, void* k_cache, void* v_cache,
+                                           const int64_t* positions) {
+  const int64_t q_cols = int64_t{c.heads} * c.head_dim, kv_cols = int64_t{c.kv_heads} * c.head_dim;
+  char* k = static_cast<char*>(qkv) + q_cols * dtype_size(d);
+  const char* v = k + kv_cols * dtype_size(d);
+  return {RotaryParams{d, int64_t{c.batch} * c.tokens, c.heads, c.kv_heads, c.head_dim, qkv, c.width(), k, c.width(),
+                       positions, 10000.f},
+          KvCacheWriteParams{d, c.batch, c.tokens, c.kv_heads, c.head_dim, c.capacity, k, c.width(), v, c.width(),
+                             k_cache, v_cache, positions}};
+}
+
+void test_rotary_cache_write_cpu(DType d) {
+  for (const RotaryCacheCase& c : kRotaryCacheCases) {
+    const std::vector<int64_t> positions = make_positions(c.batch, c.tokens, kRotaryCacheStarts);
+    const Values qkv = random_values(d, c.batch * c.tokens * c.width());
+    const Values k_init = random_values(d, c.cache_elems()), v_init = random_values(d, c.cache_elems());
+    Values want_qkv = qkv, want_k = k_init, want_v = v_init;
+    const RotaryCacheWriteParams unfused =
+        rotary_cache_params(d, c, want_qkv.data(), want_k.data(), want_v.data(), positions.data());
+    rotary_embedding_cpu(unfused.rotary);
+    kv_cache_write_cpu(unfused.cache);
+    Values qkv_out = qkv, k_cache = k_init, v_cache = v_init;
+    rotary_embedding_cache_write_cpu(rotary_cache_params(d, c, qkv_out.data(), k_cache.data(), v_cache.data(),
+                                                         positions.data()));
+    const std::string what = describe("rotary_embedding_cache_write_cpu", d,
+                                      {{"tokens", c.tokens}, {"heads", c.heads}, {"head_dim", c.head_dim}});
+    expect(qkv_out == want_qkv, what + ": q | k | v differ from rotary_embedding_cpu's");
+    expect(k_cache == want_k, what + ": k_cache differs from kv_cache_write_cpu's");
+    expect(v_cache == want_v, what + ": v_cache differs from kv_cache_write_cpu's");
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // fp16 / bf16 conversions of csrc/common.h.
 
@@ -243,17 +297,19 @@ struct Backend {
   std::function<void(const RotaryParams&)> rotary;
   std::function<void(const SiluAndMulParams&)> silu_and_mul;
   std::function<void(const KvCacheWriteParams&)> kv_cache_write;
+  std::function<void(const RotaryCacheWriteParams&)> rotary_cache_write;
 };
 
 std::vector<Backend> backends() {
   std::vector<Backend> all = {{"cpu", rms_norm_cpu, fused_add_rms_norm_cpu, rotary_embedding_cpu, silu_and_mul_cpu,
-                               kv_cache_write_cpu}};
+                               kv_cache_write_cpu, rotary_embedding_cache_write_cpu}};
 #ifdef MISTRAL_EXT_WITH_CUDA
   all.push_back({"cuda", [](const RmsNormParams& p) { rms_norm_cuda(p, nullptr); },
                  [](const FusedAddRmsNormParams& p) { fused_add_rms_norm_cuda(p, nullptr); },
                  [](const RotaryParams& p) { rotary_embedding_cuda(p, nullptr); },
                  [](const SiluAndMulParams& p) { silu_and_mul_cuda(p, nullptr); },
-                 [](const KvCacheWriteParams& p) { kv_cache_write_cuda(p, nullptr); }});
+                 [](const KvCacheWriteParams& p) { kv_cache_write_cuda(p, nullptr); },
+                 [](const RotaryCacheWriteParams& p) { rotary_embedding_cache_write_cuda(p, nullptr); }});
 #endif
   return all;
 }
@@ -298,6 +354,35 @@ void test_bad_params(const Backend& be) {
   expect_invalid(n + "kv_cache_write head_dim 0", [&] { kv(1, 1, 0, 4); });
   expect_invalid(n + "kv_cache_write batch -1", [&] { kv(-1, 1, 8, 4); });
   expect_invalid(n + "kv_cache_write unknown dtype", [&] { kv(1, 1, 8, 4, unknown); });
+
+  // Two tokens (batch 2) of 1 head and 1 kv head of head_dim 8 in a fused buffer, 2-slot caches.
+  float fused[112] = {};
+  const RotaryCacheWriteParams valid{
+      {f32, 2, 1, 1, 8, fused, 24, fused + 8, 24, positions, 1e4f},
+      {f32, 2, 1, 1, 8, 2, fused + 8, 24, fused + 16, 24, fused + 48, fused + 80, positions}};
+  if (std::string(be.name) == "cpu") {  // the variants below throw because of their one change
+    try {
+      be.rotary_cache_write(valid);
+    } catch (const std::exception& e) {
+      expect(false, n + "rotary_cache_write: valid params threw " + e.what());
+    }
+  }
+  const auto rotary_cache = [&](const char* what, const std::function<void(RotaryCacheWriteParams&)>& change) {
+    RotaryCacheWriteParams p = valid;
+    change(p);
+    expect_invalid(n + "rotary_cache_write " + what, [&] { be.rotary_cache_write(p); });
+  };
+  rotary_cache("odd head_dim", [](auto& p) { p.rotary.head_dim = p.cache.head_dim = 7; });
+  rotary_cache("theta 0", [](auto& p) { p.rotary.theta = 0.f; });
+  rotary_cache("capacity 0", [](auto& p) { p.cache.capacity = 0; });
+  rotary_cache("unknown dtype", [&](auto& p) { p.rotary.dtype = p.cache.dtype = unknown; });
+  rotary_cache("dtypes differ", [](auto& p) { p.cache.dtype = DType::kBFloat16; });
+  rotary_cache("cache reads another k", [&](auto& p) { p.cache.k = fused + 9; });
+  rotary_cache("k strides differ", [](auto& p) { p.cache.k_token_stride = 32; });
+  rotary_cache("positions differ", [&](auto& p) { p.cache.positions = positions + 1; });
+  rotary_cache("token counts differ", [](auto& p) { p.rotary.tokens = 3; });
+  rotary_cache("kv heads differ", [](auto& p) { p.rotary.num_kv_heads = 2; });
+  rotary_cache("head_dims differ", [](auto& p) { p.cache.head_dim = 4; });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -419,6 +504,34 @@ void test_kv_cache_write_cuda(DType d) {
   }
 }
 
+void test_rotary_cache_write_cuda(DType d) {
+  for (const RotaryCacheCase& c : kRotaryCacheCases) {
+    const std::vector<int64_t> positions = make_positions(c.batch, c.tokens, kRotaryCacheStarts);
+    const Values qkv = random_values(d, c.batch * c.tokens * c.width());
+    const Values k_init = random_values(d, c.cache_elems()), v_init = random_values(d, c.cache_elems());
+    Values qkv_out = qkv, k_cache = k_init, v_cache = v_init;
+    rotary_embedding_cache_write_cpu(rotary_cache_params(d, c, qkv_out.data(), k_cache.data(), v_cache.data(),
+                                                         positions.data()));
+    const DeviceBuffer dpos(positions), dqkv(qkv), dk_cache(k_init), dv_cache(v_init);
+    rotary_embedding_cache_write_cuda(
+        rotary_cache_params(d, c, dqkv.data(), dk_cache.data(), dv_cache.data(), dpos.as<int64_t>()), nullptr);
+    const std::string what = describe("rotary_embedding_cache_write_cuda", d,
+                                      {{"tokens", c.tokens}, {"heads", c.heads}, {"head_dim", c.head_dim}});
+    const Values got_qkv = dqkv.to_host(d), got_k = dk_cache.to_host(d);
+    expect_close(what + " q | k | v", got_qkv, as_doubles(qkv_out), vs_cpu(d));
+    expect_close(what + " k_cache", got_k, as_doubles(k_cache), vs_cpu(d));
+    expect(dv_cache.to_host(d) == v_cache, what + ": v_cache differs from the CPU's");
+
+    const DeviceBuffer uqkv(qkv), uk_cache(k_init), uv_cache(v_init);  // the two CUDA kernels it fuses
+    const RotaryCacheWriteParams unfused =
+        rotary_cache_params(d, c, uqkv.data(), uk_cache.data(), uv_cache.data(), dpos.as<int64_t>());
+    rotary_embedding_cuda(unfused.rotary, nullptr);
+    kv_cache_write_cuda(unfused.cache, nullptr);
+    expect(uqkv.to_host(d) == got_qkv, what + ": q | k | v differ from rotary_embedding_cuda's");
+    expect(uk_cache.to_host(d) == got_k, what + ": k_cache differs from kv_cache_write_cuda's");
+  }
+}
+
 #endif  // MISTRAL_EXT_WITH_CUDA
 
 }  // namespace
@@ -433,6 +546,7 @@ int main() {
     run(("rotary_embedding_cpu" + suffix).c_str(), [d] { test_rotary_cpu(d); });
     run(("silu_and_mul_cpu" + suffix).c_str(), [d] { test_silu_and_mul_cpu(d); });
     run(("kv_cache_write_cpu" + suffix).c_str(), [d] { test_kv_cache_write_cpu(d); });
+    run(("rotary_embedding_cache_write_cpu" + suffix).c_str(), [d] { test_rotary_cache_write_cpu(d); });
   }
   for (const Backend& be : backends())
     run((std::string("bad params throw std::invalid_argument (") + be.name + ")").c_str(), [&] { test_bad_params(be); });
@@ -446,6 +560,7 @@ int main() {
       run(("rotary_embedding_cuda" + suffix).c_str(), [d] { test_rotary_cuda(d); });
       run(("silu_and_mul_cuda" + suffix).c_str(), [d] { test_silu_and_mul_cuda(d); });
       run(("kv_cache_write_cuda" + suffix).c_str(), [d] { test_kv_cache_write_cuda(d); });
+      run(("rotary_embedding_cache_write_cuda" + suffix).c_str(), [d] { test_rotary_cache_write_cuda(d); });
     }
   } else {
     std::printf("skipped: CUDA kernels vs CPU kernels (no CUDA device)\n");

@@ -125,6 +125,17 @@ struct KvCacheWriteParams {
 void kv_cache_write_cpu(const KvCacheWriteParams& p);
 
 // ---------------------------------------------------------------------------------------------
+// Fused RoPE + ring-buffer KV-cache write, in one pass: exactly rotary_embedding(p.rotary) followed
+// by kv_cache_write(p.cache), the cache write storing the rotated key. The two halves describe the
+// same tokens: p.cache.k must be p.rotary.k (same token stride), both take the same positions and
+// dtype, p.rotary.tokens = p.cache.batch * p.cache.tokens, and kv_heads and head_dim agree.
+struct RotaryCacheWriteParams {
+  RotaryParams rotary;      // q and k rotated in place
+  KvCacheWriteParams cache; // the rotated k and v written to the ring buffers
+};
+void rotary_embedding_cache_write_cpu(const RotaryCacheWriteParams& p);
+
+// ---------------------------------------------------------------------------------------------
 // Sliding-window GQA attention of a chunk of new tokens over the ring-buffer cache (as it was
 // before this chunk) plus the chunk's own keys. For the query of row b at position i >= 0:
 //   keys  = { cached positions j in [max(0, L - capacity), L) } U { new positions j >= 0 },
@@ -183,6 +194,7 @@ void fused_add_rms_norm_cuda(const FusedAddRmsNormParams& p, CudaStream stream);
 void rotary_embedding_cuda(const RotaryParams& p, CudaStream stream);
 void silu_and_mul_cuda(const SiluAndMulParams& p, CudaStream stream);
 void kv_cache_write_cuda(const KvCacheWriteParams& p, CudaStream stream);
+void rotary_embedding_cache_write_cuda(const RotaryCacheWriteParams& p, CudaStream stream);
 // Scratch the CUDA attention needs for split-KV partial results (depends on sizes only).
 size_t attention_workspace_bytes(const AttentionParams& p);
 void attention_cuda(const AttentionParams& p, CudaStream stream);
