@@ -240,11 +240,23 @@ RotaryCacheWriteParams rotary_cache_params(DType d, const RotaryCacheCase& c, vo
                              k_cache, v_cache, positions}};
 }
 
+// Random q | k | v rows (with `pad` unused columns) and caches for case c, positions from
+// kRotaryCacheStarts.
+struct RotaryCacheInputs {
+  std::vector<int64_t> positions;
+  Values qkv, k_cache, v_cache;
+  RotaryCacheInputs(DType d, const RotaryCacheCase& c)
+      : positions(make_positions(c.batch, c.tokens, kRotaryCacheStarts)),
+        qkv(random_values(d, c.batch * c.tokens * c.width())),
+        k_cache(random_values(d, c.cache_elems())),
+        v_cache(random_values(d, c.cache_elems())) {}
+};
+
 void test_rotary_cache_write_cpu(DType d) {
   for (const RotaryCacheCase& c : kRotaryCacheCases) {
-    const std::vector<int64_t> positions = make_positions(c.batch, c.tokens, kRotaryCacheStarts);
-    const Values qkv = random_values(d, c.batch * c.tokens * c.width());
-    const Values k_init = random_values(d, c.cache_elems()), v_init = random_values(d, c.cache_elems());
+    const RotaryCacheInputs in(d, c);
+    const std::vector<int64_t>& positions = in.positions;
+    const Values &qkv = in.qkv, &k_init = in.k_cache, &v_init = in.v_cache;
     Values want_qkv = qkv, want_k = k_init, want_v = v_init;
     const RotaryCacheWriteParams unfused =
         rotary_cache_params(d, c, want_qkv.data(), want_k.data(), want_v.data(), positions.data());
@@ -506,9 +518,9 @@ void test_kv_cache_write_cuda(DType d) {
 
 void test_rotary_cache_write_cuda(DType d) {
   for (const RotaryCacheCase& c : kRotaryCacheCases) {
-    const std::vector<int64_t> positions = make_positions(c.batch, c.tokens, kRotaryCacheStarts);
-    const Values qkv = random_values(d, c.batch * c.tokens * c.width());
-    const Values k_init = random_values(d, c.cache_elems()), v_init = random_values(d, c.cache_elems());
+    const RotaryCacheInputs in(d, c);
+    const std::vector<int64_t>& positions = in.positions;
+    const Values &qkv = in.qkv, &k_init = in.k_cache, &v_init = in.v_cache;
     Values qkv_out = qkv, k_cache = k_init, v_cache = v_init;
     rotary_embedding_cache_write_cpu(rotary_cache_params(d, c, qkv_out.data(), k_cache.data(), v_cache.data(),
                                                          positions.data()));
