@@ -26,10 +26,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const Pack<T, W> u = load_pack<W>(up + c * W);
     Pack<T, W> r;
 #pragma unroll
-    for (int j = 0; j < W; ++j) {
-      const float gf = to_f32(g.v[j]);
-      r.v[j] = from_f32<T>(gf / (1.f + expf(-gf)) * to_f32(u.v[j]));
-    }
+    for (int j = 0; j < W; ++j) r.v[j] = from_f32<T>(silu_times(to_f32(g.v[j]), to_f32(u.v[j])));
     store_pack<W>(o + c * W, r);
   }
 }

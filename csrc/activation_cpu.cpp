@@ -1,7 +1,5 @@
 // SiLU-and-mul on the CPU: out[r, i] = silu(gate) * up with gate = x[r, i], up = x[r, inter + i],
 // silu(g) = g / (1 + exp(-g)), computed in fp32 and rounded once.
-#include <cmath>
-
 #include "activation_common.h"
 #include "common.h"
 
@@ -18,10 +16,7 @@ void silu_and_mul_cpu(const SiluAndMulParams& p) {
       const T* gate = input + r * 2 * p.inter;
       const T* up = gate + p.inter;
       T* o = out + r * p.inter;
-      for (int64_t i = 0; i < p.inter; ++i) {
-        const float g = to_float(gate[i]);
-        o[i] = from_float<T>(g / (1.f + std::exp(-g)) * to_float(up[i]));
-      }
+      for (int64_t i = 0; i < p.inter; ++i) o[i] = from_float<T>(silu_times(to_float(gate[i]), to_float(up[i])));
     }
   });
 }

@@ -2,6 +2,7 @@
 // argument checks and the thread pool policy.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -17,6 +18,14 @@
 #endif
 
 namespace mistral_ext {
+
+// The fp32 arithmetic of RMSNorm and SiLU-and-mul, one definition for every kernel that applies
+// them (the ops themselves and the linear kernels' prologues), so that all give the same values.
+// rms_norm(x)[i] = x[i] * inverse_rms(sum of x^2, n, eps) * weight[i], left to right.
+MISTRAL_EXT_HOST_DEVICE inline float inverse_rms(float sum_squares, int64_t n, float eps) {
+  return 1.f / sqrtf(sum_squares / static_cast<float>(n) + eps);
+}
+MISTRAL_EXT_HOST_DEVICE inline float silu_times(float gate, float up) { return gate / (1.f + expf(-gate)) * up; }
 
 // 16-bit storage types for the CPU path; arithmetic always happens in fp32.
 struct BFloat16 {

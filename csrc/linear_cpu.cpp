@@ -1,5 +1,6 @@
 // Linear layer without bias on the CPU for a few input rows (LinearParams in kernels.h):
-// out[m, n] = sum_k x[m, k] * weight[n, k], accumulated in fp32.
+// out[m, n] = sum_k x[m, k] * weight[n, k], accumulated in fp32, with the optional prologue
+// (RMSNorm or SiLU-and-mul of x) and residual epilogue.
 //
 // With M <= 16 input rows each weight element takes part in at most 16 multiply-adds: at batch 1
 // the cores could do far more in the time it takes to bring the weight in from memory, so the
@@ -7,7 +8,9 @@
 // kernel reads the weight exactly once, as one sequential stream per thread, and keeps the
 // arithmetic out of the way:
 //  * x is converted once to fp32 scratch [M, K] (rows 64-byte aligned); it stays in cache while
-//    the weight streams past.
+//    the weight streams past. A prologue runs first, through the op's own CPU kernel (rms_norm_cpu,
+//    silu_and_mul_cpu) into a [M, K] buffer of dtype: the values are those of the unfused op by
+//    construction, and M * K elements are nothing next to the weight.
 //  * Each thread takes one contiguous range of weight rows (static split) and walks it row after
 //    row. On this kind of CPU (AMD EPYC, measured) one sequential stream per core reads about
 //    twice as fast as several interleaved ones, so rows are not interleaved; independent
@@ -24,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -112,8 +116,16 @@ struct RowsArgs {
   int64_t x_stride;
   const T* weight;  // [out_features, in_features]
   T* out;           // [rows, out_features]
+  const T* residual;  // [rows, out_features] or null; may alias out
   int64_t rows, in_features, out_features;
 };
+
+// out[index] = sum rounded to T, plus the residual (rounded again) when there is one.
+template <typename T>
+MISTRAL_EXT_INLINE void store_output(const RowsArgs<T>& a, int64_t index, float sum) {
+  const T product = from_float<T>(sum);
+  a.out[index] = a.residual ? from_float<T>(to_float(product) + to_float(a.residual[index])) : product;
+}
 
 // out[:, n0:n1] for weight rows [n0, n1). With more than one tile of x rows (M > 8), blocks of
 // kRowBlock weight rows go through every tile in turn: the tile in use and the block stay in L1,
@@ -126,7 +138,7 @@ MISTRAL_EXT_INLINE void linear_rows(const RowsArgs<T>& a, int64_t n0, int64_t n1
     for (int64_t m = 0; m < M;) {
       if (M - m == 1) {
         for (int64_t n = block; n < block_end; ++n)
-          a.out[m * N + n] = from_float<T>(dot_1x1(a.x + m * a.x_stride, a.weight + n * K, K));
+          store_output(a, m * N + n, dot_1x1(a.x + m * a.x_stride, a.weight + n * K, K));
         break;
       }
       // A tile of 8 or 4 x rows; past the last row it repeats that row and drops the results.
@@ -139,7 +151,7 @@ MISTRAL_EXT_INLINE void linear_rows(const RowsArgs<T>& a, int64_t n0, int64_t n1
           dot_8x1(x, a.weight + n * K, K, s);
         else
           dot_4x1(x, a.weight + n * K, K, s);
-        for (int64_t i = 0; i < tile && m + i < M; ++i) a.out[(m + i) * N + n] = from_float<T>(s[i]);
+        for (int64_t i = 0; i < tile && m + i < M; ++i) store_output(a, (m + i) * N + n, s[i]);
       }
       m += tile;
     }
@@ -169,6 +181,22 @@ RowsFn<T> rows_fn_for_this_cpu() {
   return linear_rows_baseline<T>;
 }
 
+// x after the prologue: the input itself, or the prologue's output in `buffer` ([rows, K]).
+template <typename T>
+std::pair<const T*, int64_t> prologue_output(const LinearParams& p, std::vector<T>& buffer) {
+  const int64_t K = p.in_features;
+  if (p.prologue == LinearPrologue::kNone) return {static_cast<const T*>(p.input), p.input_row_stride};
+  buffer.resize(static_cast<size_t>(p.rows * K));
+  if (p.prologue == LinearPrologue::kRmsNorm) {
+    rms_norm_cpu(RmsNormParams{p.dtype, p.rows, K, p.input, p.input_row_stride, p.norm_weight, buffer.data(), p.eps});
+  } else {  // kSiluAndMul, row by row: the input rows (gate | up) need not be contiguous
+    for (int64_t m = 0; m < p.rows; ++m)
+      silu_and_mul_cpu(SiluAndMulParams{p.dtype, 1, K, static_cast<const T*>(p.input) + m * p.input_row_stride,
+                                        buffer.data() + m * K});
+  }
+  return {buffer.data(), K};
+}
+
 }  // namespace
 
 void linear_cpu(const LinearParams& p) {
@@ -177,6 +205,8 @@ void linear_cpu(const LinearParams& p) {
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t K = p.in_features;
+    std::vector<T> prologue_buffer;
+    const auto [input, input_row_stride] = prologue_output(p, prologue_buffer);
     const int64_t x_stride = (K + kAlignFloats - 1) / kAlignFloats * kAlignFloats;
     const size_t x_bytes = static_cast<size_t>(p.rows * x_stride) * sizeof(float);
     std::vector<float> scratch(static_cast<size_t>(p.rows * x_stride + kAlignFloats));
@@ -184,11 +214,11 @@ void linear_cpu(const LinearParams& p) {
     size_t space = scratch.size() * sizeof(float);
     float* x = static_cast<float*>(std::align(kAlignFloats * sizeof(float), x_bytes, base, space));
     for (int64_t m = 0; m < p.rows; ++m) {
-      const T* row = static_cast<const T*>(p.input) + m * p.input_row_stride;
+      const T* row = input + m * input_row_stride;
       for (int64_t k = 0; k < K; ++k) x[m * x_stride + k] = to_float(row[k]);
     }
-    const RowsArgs<T> args{x, x_stride, static_cast<const T*>(p.weight), static_cast<T*>(p.out), p.rows, K,
-                           p.out_features};
+    const RowsArgs<T> args{x, x_stride, static_cast<const T*>(p.weight), static_cast<T*>(p.out),
+                           static_cast<const T*>(p.residual), p.rows, K, p.out_features};
     const RowsFn<T> rows_fn = rows_fn_for_this_cpu<T>();
 #pragma omp parallel if (worth_threading(p.rows * p.out_features * K))
     {

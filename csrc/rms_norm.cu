@@ -24,10 +24,6 @@ __device__ __forceinline__ void write_normalized(T* out, const T* x, const T* we
   }
 }
 
-__device__ __forceinline__ float inverse_rms(float sum_squares, int64_t hidden, float eps) {
-  return 1.f / sqrtf(block_sum(sum_squares) / static_cast<float>(hidden) + eps);
-}
-
 template <typename T, int W>
 __global__ void __launch_bounds__(kMaxThreads)
     rms_norm_kernel(T* __restrict__ out,           // [rows, hidden]
@@ -47,7 +43,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       sum_squares += v * v;
     }
   }
-  write_normalized<T, W>(out + row * hidden, x, weight, packs, inverse_rms(sum_squares, hidden, eps));
+  write_normalized<T, W>(out + row * hidden, x, weight, packs, inverse_rms(block_sum(sum_squares), hidden, eps));
 }
 
 // residual and residual_out may alias, so neither is __restrict__: each thread reads back only
@@ -75,7 +71,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     store_pack<W>(residual_out + base + c * W, sv);
   }
-  write_normalized<T, W>(out + base, residual_out + base, weight, packs, inverse_rms(sum_squares, hidden, eps));
+  const float inv_rms = inverse_rms(block_sum(sum_squares), hidden, eps);
+  write_normalized<T, W>(out + base, residual_out + base, weight, packs, inv_rms);
 }
 
 void check(int64_t rows, int64_t hidden) {

@@ -1,8 +1,6 @@
 // RMSNorm on the CPU: out = x / sqrt(mean(x^2) + eps) * weight per row, fp32 accumulation;
 // and the fused variant that first adds the residual stream (the sum is rounded to the
 // storage dtype, as the unfused model does, and that rounded sum is what gets normalised).
-#include <cmath>
-
 #include "common.h"
 #include "rms_norm_common.h"
 
@@ -16,7 +14,7 @@ void normalize_row(const T* x, const T* weight, T* out, int64_t hidden, float ep
     const float v = to_float(x[i]);
     sum_squares += v * v;
   }
-  const float inv_rms = 1.f / std::sqrt(sum_squares / static_cast<float>(hidden) + eps);
+  const float inv_rms = inverse_rms(sum_squares, hidden, eps);
   for (int64_t i = 0; i < hidden; ++i) out[i] = from_float<T>(to_float(x[i]) * inv_rms * to_float(weight[i]));
 }
 

@@ -1,19 +1,20 @@
 """Mistral on mistral_ext's kernels, with transformers' class names, parameter names and forward.
 
 Each decoder layer runs, on the ops of mistral_ext.ops (or mistral_ext.reference, see
-set_kernel_backend):
+set_kernel_backend), with h the residual stream (in the model dtype):
 
-    h, residual = fused_add_rms_norm(x, residual)     # the residual stream stays in the model dtype
-    q | k | v   = h @ W_qkv                             # one matmul; q, k, v are column views
+    q | k | v = rms_norm(h) @ W_qkv                     # one matmul; q, k, v are column views
     rotary_embedding_(q, k)                             # in place, on the views
-    a           = attention(q, k, v, cache)             # sliding window over cache + chunk, GQA
+    a         = attention(q, k, v, cache)               # sliding window over cache + chunk, GQA
     kv_cache_write_(cache, k, v)                        # ring buffer, slot = position % capacity
                                                         # (decode: rotary + write fused, before attention)
-    h, residual = fused_add_rms_norm(a @ W_o, residual)
-    x           = silu_and_mul(h @ W_gate|up) @ W_down
+    h         = h + a @ W_o
+    h         = h + silu_and_mul(rms_norm(h) @ W_gate|up) @ W_down
 
-Every matmul goes through ops.linear: our bandwidth-bound GEMV kernel for the few rows of a
-decode step, the vendor GEMM for prefill.
+Every matmul goes through ops.linear, which also applies the norm or the activation before the
+product and adds the residual after it: at decode our bandwidth-bound GEMV kernel does all of
+it in one launch per projection, at prefill the vendor GEMM sits between our norm / activation
+kernel and the add.
 
 Positions, not a mask, say what attends to what: position_ids, or cumsum(attention_mask) - 1
 over the whole [past + new] mask (transformers' generate rule), with padding marked -1. A decode
@@ -89,11 +90,8 @@ class MistralRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], ops) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns (rms_norm(x + residual), x + residual); no residual yet: (rms_norm(x), x)."""
-        if residual is None:
-            return ops.rms_norm(x, self.weight, self.variance_epsilon), x
-        return ops.fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon)
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.variance_epsilon)
 
 
 class FusedProjections(nn.Module):
@@ -143,12 +141,14 @@ class FusedProjections(nn.Module):
             self.fuse_projections()
         return self
 
-    def project(self, x: torch.Tensor, ops) -> torch.Tensor:
-        """[..., in] -> [..., sum of the projections' out_features], projections side by side."""
+    def project(self, x: torch.Tensor, norm: MistralRMSNorm, ops) -> torch.Tensor:
+        """[..., in] -> [..., sum of the projections' out_features]: the projections of norm(x) side
+        by side, the norm applied by the linear op."""
+        normed = dict(norm_weight=norm.weight, eps=norm.variance_epsilon)
         if self._is_fused():
-            return ops.linear(x, self._fused_weight)
+            return ops.linear(x, self._fused_weight, **normed)
         self._fused_weight = None
-        return torch.cat([ops.linear(x, linear.weight) for linear in self._linears()], dim=-1)
+        return torch.cat([ops.linear(x, linear.weight, **normed) for linear in self._linears()], dim=-1)
 
 
 def _consecutive_rows(weights) -> bool:
@@ -180,9 +180,11 @@ class MistralAttention(FusedProjections):
         self.split_sizes = (q_size, kv_size, kv_size)
         self.fuse_projections()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Optional[RollingCache], ops) -> torch.Tensor:
-        batch, tokens, _ = x.shape
-        q, k, v = self.project(x, ops).split(self.split_sizes, dim=-1)
+    def forward(self, h: torch.Tensor, norm: MistralRMSNorm, positions: torch.Tensor, cache: Optional[RollingCache],
+                ops) -> torch.Tensor:
+        """The residual stream h plus attention over norm(h)."""
+        batch, tokens, _ = h.shape
+        q, k, v = self.project(h, norm, ops).split(self.split_sizes, dim=-1)
         q = q.view(batch, tokens, self.num_heads, self.head_dim)
         k = k.view(batch, tokens, self.num_kv_heads, self.head_dim)
         v = v.view(batch, tokens, self.num_kv_heads, self.head_dim)
@@ -204,7 +206,7 @@ class MistralAttention(FusedProjections):
         out = ops.attention(q, k, v, k_cache, v_cache, positions, cache_lens, self.sliding_window, self.scaling)
         if cache is not None and not write_first:
             ops.kv_cache_write_(k_cache, v_cache, k, v, positions)
-        return ops.linear(out.reshape(batch, tokens, -1), self.o_proj.weight)
+        return ops.linear(out.reshape(batch, tokens, -1), self.o_proj.weight, residual=h)
 
 
 class MistralMLP(FusedProjections):
@@ -217,8 +219,9 @@ class MistralMLP(FusedProjections):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.fuse_projections()
 
-    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
-        return ops.linear(ops.silu_and_mul(self.project(x, ops)), self.down_proj.weight)
+    def forward(self, h: torch.Tensor, norm: MistralRMSNorm, ops) -> torch.Tensor:
+        """The residual stream h plus the MLP of norm(h)."""
+        return ops.linear(self.project(h, norm, ops), self.down_proj.weight, residual=h, silu_and_mul=True)
 
 
 class MistralDecoderLayer(nn.Module):
@@ -229,12 +232,10 @@ class MistralDecoderLayer(nn.Module):
         self.input_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, residual, positions, cache, ops) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns (mlp output, residual stream): the layer's output is their sum, which the next
-        norm computes fused with itself."""
-        h, residual = self.input_layernorm(x, residual, ops)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, positions, cache, ops), residual, ops)
-        return self.mlp(h, ops), residual
+    def forward(self, h: torch.Tensor, positions, cache, ops) -> torch.Tensor:
+        """The residual stream h after the layer."""
+        h = self.self_attn(h, self.input_layernorm, positions, cache, ops)
+        return self.mlp(h, self.post_attention_layernorm, ops)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,14 +365,13 @@ class MistralModel(MistralPreTrainedModel):
         ops = _BACKENDS[self.kernel_backend]
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(dtype).contiguous()
         hidden_states = (x,) if output_hidden_states else None
-        residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, positions, cache, ops)
+            x = layer(x, positions, cache, ops)
             if output_hidden_states and i + 1 < len(self.layers):
-                hidden_states += (x + residual,)
+                hidden_states += (x,)
         if cache is not None:
             cache.advance(positions)
-        x, _ = self.norm(x, residual, ops)
+        x = self.norm(x, ops)
         if output_hidden_states:
             hidden_states += (x,)
 

@@ -51,14 +51,21 @@ def rotary_embedding_cache_write_(query: torch.Tensor, key: torch.Tensor, value:
     _ops.rotary_embedding_cache_write_(query, key, value, k_cache, v_cache, positions, theta)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, *, residual: Optional[torch.Tensor] = None,
+           norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+           silu_and_mul: bool = False) -> torch.Tensor:
     """x @ weight.T over the last dimension (F.linear without bias), fp32 accumulation.
 
     x [..., K], weight [N, K] contiguous, same dtype and device. Few rows of x (decode) run our
     bandwidth-bound kernel; more rows go to torch's GEMM. "Few" is where ours measured faster:
     on CPU up to 16 rows in fp32 and 4 in bf16/fp16, on CUDA one row.
+
+    The decoder's steps around a projection come fused (one kernel at decode, the formulas
+    and roundings of the separate ops): norm_weight [K] first applies
+    rms_norm(x, norm_weight, eps); silu_and_mul takes x [..., 2K] = [gate | up] and applies silu_and_mul(x); residual [..., N]
+    is added to the product (each rounded to the dtype, as the separate ops round).
     """
-    return _ops.linear(x, weight)
+    return _ops.linear(x, weight, residual, norm_weight, eps, silu_and_mul)
 
 
 @torch.library.register_fake("mistral_ext::rms_norm")
@@ -93,7 +100,7 @@ def _rotary_embedding_cache_write_fake(query, key, value, k_cache, v_cache, posi
 
 
 @torch.library.register_fake("mistral_ext::linear")
-def _linear_fake(x, weight):
+def _linear_fake(x, weight, residual=None, norm_weight=None, eps=1e-6, silu_and_mul=False):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

@@ -53,8 +53,18 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return (x.float() @ weight.float().T).to(x.dtype)
+_silu_and_mul = silu_and_mul  # shadowed inside linear by its keyword of the same name
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, *, residual: Optional[torch.Tensor] = None,
+           norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+           silu_and_mul: bool = False) -> torch.Tensor:
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps)
+    if silu_and_mul:
+        x = _silu_and_mul(x)
+    out = (x.float() @ weight.float().T).to(x.dtype)
+    return out if residual is None else (out.float() + residual.float()).to(out.dtype)
 
 
 def kv_cache_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor,

@@ -87,21 +87,33 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return out;
 }
 
-// x @ weight^T over the last dimension of input. Up to Backend::linear_max_rows rows (decode) the
-// product streams the weight once and is bound by memory bandwidth: our kernel. More rows make it
-// a compute-bound GEMM (prefill), the job of the vendor library behind at::linear (MKL / oneDNN
-// on the CPU, cuBLAS on CUDA); the argument checks are the same on both paths.
+// x @ weight^T over the last dimension of input, after the optional prologue (RMSNorm with
+// norm_weight, or SiLU-and-mul), plus the optional residual. Up to Backend::linear_max_rows rows
+// (decode) the product streams the weight once and is bound by memory bandwidth: our kernel, with
+// the prologue and the residual add fused in. More rows make it a compute-bound GEMM (prefill),
+// the job of the vendor library behind at::linear (MKL / oneDNN on the CPU, cuBLAS on CUDA),
+// between our prologue kernel and torch's add; the checks and the values are the same on both
+// paths.
 template <typename Backend>
-at::Tensor linear(const at::Tensor& input, const at::Tensor& weight) {
+at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
+                  const std::optional<at::Tensor>& norm_weight, double eps, bool apply_silu_and_mul) {
   typename Backend::Guard guard(input);
-  const int64_t rows = check_linear_args(input, weight);
-  if (rows > Backend::linear_max_rows(input.scalar_type())) return at::linear(input, weight);
+  const LinearOptions options{residual, norm_weight, eps, apply_silu_and_mul};
+  const int64_t rows = check_linear_args(input, weight, options);
+  if (rows > Backend::linear_max_rows(input.scalar_type())) {
+    const at::Tensor x = norm_weight          ? rms_norm<Backend>(input.contiguous(), *norm_weight, eps)
+                         : apply_silu_and_mul ? silu_and_mul<Backend>(input.contiguous())
+                                              : input;
+    at::Tensor out = at::linear(x, weight);
+    return residual ? out.add_(*residual) : out;
+  }
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = weight.size(0);
   at::Tensor out = at::empty(out_shape, input.options().memory_format(at::MemoryFormat::Contiguous));
   // A view when the leading dimensions flatten to evenly strided rows, else a copy of <= 16 rows.
   const at::Tensor input_rows = input.reshape({rows, input.size(-1)});
-  const LinearParams p = make_linear_params(input_rows, weight, out);
+  const at::Tensor residual_rows = residual ? residual->reshape({rows, weight.size(0)}).contiguous() : at::Tensor();
+  const LinearParams p = make_linear_params(input_rows, weight, options, residual_rows, out);
   if (p.rows > 0 && p.out_features > 0) Backend::launch(p);
   return out;
 }

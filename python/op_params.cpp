@@ -16,12 +16,13 @@ int64_t row_stride_of(const at::Tensor& t) {
   return -1;
 }
 
-void check_weight(const at::Tensor& weight, const at::Tensor& input, int64_t hidden) {
-  check_same_device(weight, input, "weight", "input");
-  check_same_dtype(weight, input, "weight", "input");
-  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == hidden, "weight must have shape [", hidden,
-                    "] to match input's last dimension, got ", weight.sizes());
-  check_contiguous(weight, "weight");
+// A norm's weight [hidden] for input [..., hidden] (RMSNorm, the linear op's RMSNorm prologue).
+void check_weight(const at::Tensor& weight, const at::Tensor& input, int64_t hidden, const char* name = "weight") {
+  check_same_device(weight, input, name, "input");
+  check_same_dtype(weight, input, name, "input");
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == hidden, name, " must have shape [", hidden,
+                    "] to match the in_features of input, got ", weight.sizes());
+  check_contiguous(weight, name);
 }
 
 }  // namespace
@@ -274,35 +275,67 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
   return p;
 }
 
-int64_t check_linear_args(const at::Tensor& input, const at::Tensor& weight) {
+int64_t check_linear_args(const at::Tensor& input, const at::Tensor& weight, const LinearOptions& options) {
   dtype_tag(input, "input");
   TORCH_CHECK_VALUE(input.dim() >= 1, "input must have at least 1 dimension");
   check_same_device(weight, input, "weight", "input");
   check_same_dtype(weight, input, "weight", "input");
   check_rank(weight, 2, "weight");
-  const int64_t in_features = input.size(-1);
-  TORCH_CHECK_VALUE(in_features > 0, "input's last dimension (in_features) must be > 0");
-  TORCH_CHECK_VALUE(weight.size(1) == in_features, "weight must have shape [out_features, ", in_features,
-                    "] to match input's last dimension, got ", weight.sizes());
   check_contiguous(weight, "weight");
+  TORCH_CHECK_VALUE(input.size(-1) > 0, "input's last dimension (in_features) must be > 0");
+  const int64_t in_features = weight.size(1);
+  if (options.silu_and_mul) {
+    TORCH_CHECK_VALUE(!options.norm_weight, "linear takes one prologue: norm_weight or silu_and_mul, not both");
+    TORCH_CHECK_VALUE(input.size(-1) == 2 * in_features, "with silu_and_mul, input's last dimension must be 2 * ",
+                      in_features, " (gate | up) for weight of shape ", weight.sizes(), ", got ", input.sizes());
+  } else {
+    TORCH_CHECK_VALUE(input.size(-1) == in_features, "weight must have shape [out_features, ", input.size(-1),
+                      "] to match input's last dimension, got ", weight.sizes());
+  }
+  if (options.norm_weight) {
+    check_weight(*options.norm_weight, input, in_features, "norm_weight");
+    TORCH_CHECK_VALUE(options.eps >= 0, "eps must be >= 0, got ", options.eps);
+  }
+  if (options.residual) {
+    const at::Tensor& residual = *options.residual;
+    check_same_device(residual, input, "residual", "input");
+    check_same_dtype(residual, input, "residual", "input");
+    std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+    out_shape.back() = weight.size(0);
+    TORCH_CHECK_VALUE(residual.sizes() == at::IntArrayRef(out_shape), "residual must have the output's shape ",
+                      at::IntArrayRef(out_shape), ", got ", residual.sizes());
+  }
   TORCH_CHECK_VALUE(input.stride(-1) == 1, "input must have a unit stride in its last dimension (strides ",
                     input.strides(), ")");
-  return input.numel() / in_features;
+  return input.numel() / input.size(-1);
 }
 
-LinearParams make_linear_params(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out) {
+LinearParams make_linear_params(const at::Tensor& input, const at::Tensor& weight, const LinearOptions& options,
+                                const at::Tensor& residual, at::Tensor& out) {
   LinearParams p{};
   p.dtype = dtype_tag(input, "input");
-  p.rows = check_linear_args(input, weight);
+  const std::optional<at::Tensor> residual_rows = options.residual ? std::optional(residual) : std::nullopt;
+  p.rows = check_linear_args(input, weight, {residual_rows, options.norm_weight, options.eps, options.silu_and_mul});
   TORCH_CHECK_VALUE(p.rows <= kLinearMaxRows, "input has ", p.rows, " rows; the linear kernel takes at most ",
                     kLinearMaxRows);
   p.input_row_stride = row_stride_of(input);
   TORCH_CHECK_VALUE(p.input_row_stride >= 0, "input must be contiguous or a 2-D tensor with unit column stride");
-  p.in_features = input.size(-1);
+  p.in_features = weight.size(1);
   p.out_features = weight.size(0);
   p.input = input.data_ptr();
   p.weight = weight.data_ptr();
   p.out = out.data_ptr();
+  if (options.norm_weight) {
+    p.prologue = LinearPrologue::kRmsNorm;
+    p.norm_weight = options.norm_weight->data_ptr();
+    p.eps = static_cast<float>(options.eps);
+  } else if (options.silu_and_mul) {
+    p.prologue = LinearPrologue::kSiluAndMul;
+  }
+  if (options.residual) {
+    check_contiguous(residual, "residual");
+    p.residual = residual.data_ptr();
+  }
   return p;
 }
 

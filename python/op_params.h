@@ -84,11 +84,21 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
                                       const std::optional<at::Tensor>& v_cache, const at::Tensor& positions,
                                       const std::optional<at::Tensor>& cache_lens, int64_t window, double scale,
                                       at::Tensor& out);
-// Checks input [..., K] (unit inner stride) against weight [N, K] (contiguous): same dtype and
-// device, matching K. Returns the number of rows of input (its leading dimensions flattened).
-int64_t check_linear_args(const at::Tensor& input, const at::Tensor& weight);
+// The linear op's optional steps (LinearParams): the residual added to the product, and the
+// RMSNorm (norm_weight, eps) or SiLU-and-mul prologue applied to input first.
+struct LinearOptions {
+  const std::optional<at::Tensor>& residual;
+  const std::optional<at::Tensor>& norm_weight;
+  double eps;
+  bool silu_and_mul;
+};
+// Checks input [..., K] ([..., 2K] with silu_and_mul; unit inner stride) against weight [N, K]
+// (contiguous): same dtype and device, matching K; norm_weight [K]; residual [..., N] like the
+// output. Returns the number of rows of input (its leading dimensions flattened).
+int64_t check_linear_args(const at::Tensor& input, const at::Tensor& weight, const LinearOptions& options);
 // input: its rows evenly strided (contiguous, or 2-D with a unit inner stride), at most
-// kLinearMaxRows of them; out: [rows, N] contiguous.
-LinearParams make_linear_params(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out);
+// kLinearMaxRows of them; residual (used when options has one) and out: [rows, N] contiguous.
+LinearParams make_linear_params(const at::Tensor& input, const at::Tensor& weight, const LinearOptions& options,
+                                const at::Tensor& residual, at::Tensor& out);
 
 }  // namespace mistral_ext::binding

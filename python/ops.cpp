@@ -38,7 +38,8 @@ TORCH_LIBRARY(mistral_ext, m) {
         "Tensor(d!) v_cache, Tensor positions, float theta) -> ()");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? k_cache, Tensor? v_cache, Tensor positions, "
         "Tensor? cache_lens, int window, float scale) -> Tensor");
-  m.def("linear(Tensor input, Tensor weight) -> Tensor");
+  m.def("linear(Tensor input, Tensor weight, Tensor? residual=None, Tensor? norm_weight=None, float eps=1e-6, "
+        "bool silu_and_mul=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mistral_ext, CPU, m) { mistral_ext::binding::register_impls<mistral_ext::binding::CpuBackend>(m); }

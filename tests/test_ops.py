@@ -588,14 +588,128 @@ def test_linear_unaligned_weight(device, dtype, rows):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("in_features", [4096, 4100, 3000, 20000])
+@pytest.mark.parametrize("in_features", [4096, 4100, 3000, 12288, 20000])
 def test_linear_cuda_long_rows(dtype, in_features):
-    """K beyond what one shared-memory chunk of x holds (64 KB), packed and scalar paths. One row:
-    on CUDA only single rows take our kernel (more go to cuBLAS; ctest covers the kernel's 2..16)."""
+    """K beyond what one shared-memory chunk of x holds (64 KB), packed and scalar paths; 12288:
+    an x chunk of exactly 48 KB, the default limit less the kernel's static shared memory. One
+    row: on CUDA only single rows take our kernel (more go to cuBLAS; ctest covers 2..16)."""
     x = rand(1, in_features, dtype=dtype, device="cuda")
     w = rand(300, in_features, dtype=dtype, device="cuda")
     tol = dict(LINEAR_TOL[dtype], atol=2e-6 * in_features)  # fp32 summation order over a longer K
     torch.testing.assert_close(ops.linear(x, w), reference.linear(x, w), **tol)
+
+
+# The decoder's steps fused into the linear op: (prologue, residual) against the reference's
+# unfused composition. Each step rounds to the dtype, and one-ulp differences in the prologue's
+# output (exp, the sum of squares) move the product by more than an elementwise tolerance on
+# outputs near zero allows, so the check is the relative error over the whole output.
+FUSED_REL_ERROR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+PROLOGUES = ["none", "rms_norm", "silu_and_mul"]
+
+
+def fused_linear_inputs(rows, in_features, out_features, prologue, residual, dtype, device):
+    """(x, weight, keyword arguments) of a fused linear call on random inputs."""
+    width = 2 * in_features if prologue == "silu_and_mul" else in_features
+    kwargs = {}
+    if prologue == "rms_norm":
+        kwargs.update(norm_weight=rand(in_features, dtype=dtype, device=device), eps=1e-5)
+    if prologue == "silu_and_mul":
+        kwargs.update(silu_and_mul=True)
+    if residual:
+        kwargs.update(residual=rand(rows, out_features, dtype=dtype, device=device))
+    w = rand(out_features, in_features, dtype=dtype, device=device) / in_features ** 0.5
+    return rand(rows, width, dtype=dtype, device=device), w, kwargs
+
+
+def assert_relative_error(out, want, bound):
+    assert out.shape == want.shape and out.dtype == want.dtype
+    assert torch.isfinite(out).all()
+    error = ((out.double() - want.double()).norm() / want.double().norm()).item()
+    assert error < bound, f"relative error {error:.2e} >= {bound:.0e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])  # 17: torch's GEMM between our prologue and the add
+@pytest.mark.parametrize("prologue", PROLOGUES)
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("in_features,out_features", [(576, 301), (97, 33), (4100, 40)])
+def test_linear_fused(device, dtype, rows, prologue, residual, in_features, out_features):
+    x, w, kwargs = fused_linear_inputs(rows, in_features, out_features, prologue, residual, dtype, device)
+    out = ops.linear(x, w, **kwargs)
+    assert_relative_error(out, reference.linear(x, w, **kwargs), FUSED_REL_ERROR[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 17])
+@pytest.mark.parametrize("prologue", PROLOGUES)
+def test_linear_fused_equals_the_separate_ops_on_cpu(dtype, rows, prologue):
+    """On the CPU the prologue runs through the op's own kernel and the product is the same
+    kernel's: fused and unfused agree to the bit."""
+    x, w, kwargs = fused_linear_inputs(rows, 576, 301, prologue, True, dtype, "cpu")
+    if prologue == "rms_norm":
+        x_in = ops.rms_norm(x, kwargs["norm_weight"], kwargs["eps"])
+    elif prologue == "silu_and_mul":
+        x_in = ops.silu_and_mul(x)
+    else:
+        x_in = x
+    assert torch.equal(ops.linear(x, w, **kwargs), ops.linear(x_in, w) + kwargs["residual"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prologue", PROLOGUES)
+@pytest.mark.parametrize("make_input", [
+    lambda x: x.view(1, *x.shape),                                     # [batch, tokens, K]
+    lambda x: torch.cat([x, x[:, :5]], dim=1)[:, :x.shape[1]],         # row stride K + 5
+    lambda x: torch.cat([x[:, :1], x], dim=1)[:, 1:],                  # starts one element in: unaligned
+], ids=["3d", "strided", "unaligned"])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_linear_fused_input_layouts(device, dtype, prologue, make_input, rows):
+    x, w, kwargs = fused_linear_inputs(rows, 584, 77, prologue, True, dtype, device)
+    x = make_input(x)
+    kwargs["residual"] = kwargs["residual"].view(*x.shape[:-1], 77)
+    out = ops.linear(x, w, **kwargs)
+    assert out.shape == (*x.shape[:-1], 77)
+    assert_relative_error(out, reference.linear(x, w, **kwargs), FUSED_REL_ERROR[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [1, 17])
+def test_linear_fused_opcheck_and_compile(device, rows):
+    x, w, kwargs = fused_linear_inputs(rows, 64, 24, "rms_norm", True, torch.float32, device)
+    gate_up = rand(rows, 128, device=device)
+    op = torch.ops.mistral_ext.linear.default
+    torch.library.opcheck(op, (x, w), kwargs)
+    torch.library.opcheck(op, (gate_up, w), dict(residual=kwargs["residual"], silu_and_mul=True))
+
+    def block(x, gate_up):
+        h = ops.linear(x, w, **kwargs)
+        return ops.linear(gate_up, w, residual=h, silu_and_mul=True)
+
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, gate_up), block(x, gate_up))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [3, 17])  # both our kernel and torch's GEMM path
+def test_linear_fused_bad_input(device, rows):
+    x, w = rand(rows, 16, device=device), rand(8, 16, device=device)
+    residual, norm_weight = rand(rows, 8, device=device), rand(16, device=device)
+    for args, kwargs, name in [
+        ((x, w), dict(norm_weight=rand(15, device=device)), "norm_weight must have shape"),
+        ((x, w), dict(norm_weight=norm_weight.double()), "norm_weight"),
+        ((x, w), dict(norm_weight=rand(16, 1, device=device)), "norm_weight"),
+        ((x, w), dict(norm_weight=rand(32, device=device)[::2]), "norm_weight"),  # not contiguous
+        ((x, w), dict(norm_weight=norm_weight, eps=-1.0), "eps"),
+        ((x, w), dict(silu_and_mul=True), "2 \\* 16"),                  # input must be gate | up
+        ((rand(rows, 32, device=device), w), dict(silu_and_mul=True, norm_weight=norm_weight), "one prologue"),
+        ((x, w), dict(residual=rand(rows, 9, device=device)), "residual"),
+        ((x, w), dict(residual=rand(1, rows, 8, device=device)), "residual"),
+        ((x, w), dict(residual=residual.half()), "residual"),
+    ]:
+        with pytest.raises(BAD, match=name):
+            ops.linear(*args, **kwargs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -646,3 +760,8 @@ def test_linear_mixed_devices_name_the_argument(rows):
         ops.linear(rand(rows, 16, device="cuda"), rand(8, 16))
     with pytest.raises(BAD, match="input"):
         ops.linear(rand(rows, 16), rand(8, 16, device="cuda"))
+    x, w = rand(rows, 16, device="cuda"), rand(8, 16, device="cuda")
+    with pytest.raises(BAD, match="norm_weight"):
+        ops.linear(x, w, norm_weight=rand(16))
+    with pytest.raises(BAD, match="residual"):
+        ops.linear(x, w, residual=rand(rows, 8))

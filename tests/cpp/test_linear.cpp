@@ -1,13 +1,17 @@
 // Tests of the kernel library's linear op (x @ weight^T for up to kLinearMaxRows rows):
 //  * the CPU kernel against a plain double-precision loop, on random inputs with every row count
 //    up to 16, odd and usual sizes and strided input rows, in fp32, bf16 and fp16;
+//  * the fused prologues (RMSNorm, SiLU-and-mul) and residual epilogue on the CPU equal to the bit
+//    to the separate CPU ops composed (rms_norm_cpu / silu_and_mul_cpu, linear_cpu, the add
+//    rounded to the dtype), the residual also added in place (residual == out);
 //  * fp16 weights widened exactly: every finite fp16 value (subnormals included) read back
 //    through one-hot input rows, and inf / NaN kept;
 //  * bad parameters (more than 16 rows among them) throw std::invalid_argument, from the CPU
 //    entry point and, when built with CUDA, from the CUDA one;
 //  * when built with CUDA and a device is present, the CUDA kernel against the CPU kernel: packed
 //    and scalar paths, K longer than one shared-memory chunk, output rows that do not fill the
-//    last group and more groups than the grid has blocks.
+//    last group and more groups than the grid has blocks; and with the prologues and the residual
+//    (in place too), x aligned to packs or not, K in one chunk or several.
 // Prints one line per failed check and exits non-zero if there was any.
 #include <cmath>
 #include <cstdint>
@@ -69,6 +73,76 @@ void test_linear_cpu(DType d) {
         linear_cpu(LinearParams{d, rows, s.k, s.n, x.data(), stride, w.data(), out.data()});
         expect_close(describe("linear_cpu", d, rows, s.k, s.n, stride), out, linear_loop(x, stride, w, rows, s.k, s.n),
                      vs_exact(d, s.k));
+      }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused prologue and residual epilogue.
+
+// A random fused call: x [rows, row_stride] (gate | up for kSiluAndMul), weight [n, k], the
+// norm weight and a residual [rows, n].
+struct FusedCase {
+  DType dtype;
+  LinearPrologue prologue;
+  int64_t rows, k, n, row_stride;
+  Values x, w, norm_weight, residual;
+  FusedCase(DType d, LinearPrologue pro, int64_t rows_, int64_t k_, int64_t n_, int64_t pad)
+      : dtype(d), prologue(pro), rows(rows_), k(k_), n(n_),
+        row_stride((pro == LinearPrologue::kSiluAndMul ? 2 * k_ : k_) + pad),
+        x(random_values(d, rows_ * row_stride)), w(random_values(d, n_ * k_)), norm_weight(random_values(d, k_)),
+        residual(random_values(d, rows_ * n_)) {}
+  std::string describe() const {
+    const char* names[] = {"none", "rms_norm", "silu_and_mul"};
+    return ::describe("linear", dtype, rows, k, n, row_stride) + " prologue=" + names[static_cast<int>(prologue)];
+  }
+};
+
+// The separate CPU ops composed: prologue op, linear_cpu, then residual + product rounded.
+Values compose_on_cpu(const FusedCase& c) {
+  Values x_in(c.dtype, c.rows * c.k);
+  const void* x = c.x.data();
+  int64_t stride = c.row_stride;
+  if (c.prologue == LinearPrologue::kRmsNorm) {
+    rms_norm_cpu(
+        RmsNormParams{c.dtype, c.rows, c.k, c.x.data(), c.row_stride, c.norm_weight.data(), x_in.data(), 1e-5f});
+    x = x_in.data(), stride = c.k;
+  } else if (c.prologue == LinearPrologue::kSiluAndMul) {
+    for (int64_t m = 0; m < c.rows; ++m) {
+      Values row(c.dtype, 2 * c.k), out(c.dtype, c.k);
+      for (int64_t i = 0; i < 2 * c.k; ++i) row.set(i, c.x.get(m * c.row_stride + i));
+      silu_and_mul_cpu(SiluAndMulParams{c.dtype, 1, c.k, row.data(), out.data()});
+      for (int64_t i = 0; i < c.k; ++i) x_in.set(m * c.k + i, out.get(i));
+    }
+    x = x_in.data(), stride = c.k;
+  }
+  Values out(c.dtype, c.rows * c.n);
+  linear_cpu(LinearParams{c.dtype, c.rows, c.k, c.n, x, stride, c.w.data(), out.data()});
+  for (int64_t i = 0; i < out.size(); ++i) out.set(i, out.get(i) + c.residual.get(i));  // set() rounds
+  return out;
+}
+
+LinearParams fused_params(const FusedCase& c, const void* x, const void* w, const void* norm_weight,
+                          const void* residual, void* out) {
+  LinearParams p{c.dtype, c.rows, c.k, c.n, x, c.row_stride, w, out};
+  p.prologue = c.prologue;
+  p.norm_weight = norm_weight;
+  p.eps = 1e-5f;
+  p.residual = residual;
+  return p;
+}
+
+void test_linear_cpu_fused(DType d) {
+  for (LinearPrologue pro : {LinearPrologue::kNone, LinearPrologue::kRmsNorm, LinearPrologue::kSiluAndMul})
+    for (int64_t rows : {int64_t{1}, int64_t{3}, int64_t{9}, kLinearMaxRows})
+      for (int64_t pad : {int64_t{0}, int64_t{3}}) {
+        const FusedCase c(d, pro, rows, 97, 61, pad);
+        const Values want = compose_on_cpu(c);
+        Values out(d, rows * c.n);
+        linear_cpu(fused_params(c, c.x.data(), c.w.data(), c.norm_weight.data(), c.residual.data(), out.data()));
+        expect(out == want, c.describe() + ": fused differs from the separate ops");
+        Values in_place = c.residual;  // the residual stream updated where it lies
+        linear_cpu(fused_params(c, c.x.data(), c.w.data(), c.norm_weight.data(), in_place.data(), in_place.data()));
+        expect(in_place == want, c.describe() + ": residual added in place differs");
       }
 }
 
@@ -136,6 +210,17 @@ void test_bad_params(const Backend& be) {
   expect_invalid(n + "linear out_features -1", [&] { linear(1, 2, -1, 2); });
   expect_invalid(n + "linear input_row_stride -1", [&] { linear(2, 2, 2, -1); });
   expect_invalid(n + "linear unknown dtype", [&] { linear(1, 2, 2, 2, static_cast<DType>(7)); });
+  const auto with_prologue = [&](LinearPrologue prologue, int64_t rows, int64_t stride, const void* norm_weight) {
+    LinearParams p{DType::kFloat32, rows, 4, 2, buf, stride, buf, buf};
+    p.prologue = prologue;
+    p.norm_weight = norm_weight;
+    be.linear(p);
+  };
+  expect_invalid(n + "linear RMSNorm prologue without norm_weight",
+                 [&] { with_prologue(LinearPrologue::kRmsNorm, 1, 4, nullptr); });
+  expect_invalid(n + "linear SiLU-and-mul rows narrower than 2K",
+                 [&] { with_prologue(LinearPrologue::kSiluAndMul, 2, 7, nullptr); });
+  expect_invalid(n + "linear unknown prologue", [&] { with_prologue(static_cast<LinearPrologue>(3), 1, 4, buf); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -160,21 +245,58 @@ void test_linear_cuda(DType d) {
   };
   // weight_offset 1 misaligns the weight (scalar path), as does K % 8 != 0; K = 4096 at 16 rows
   // and K = 20000 at 1 row need several shared-memory chunks of x; N = 50000 at 1 row has more
-  // row groups than the grid has blocks; N = 1001 leaves the last group partly empty.
+  // row groups than the grid has blocks; N = 1001 leaves the last group partly empty; 3 rows of
+  // K = 4096 fill exactly 48 KB, past the default once the static shared memory is counted.
   for (const Case& c : {Case{1, 4096, 1001, 0, 0}, Case{1, 577, 1001, 3, 0}, Case{1, 576, 960, 0, 1},
                         Case{1, 20000, 64, 0, 0}, Case{1, 576, 50000, 0, 0}, Case{2, 576, 1001, 8, 0},
-                        Case{3, 64, 17, 0, 0}, Case{4, 1536, 576, 0, 0}, Case{5, 4100, 300, 0, 0},
-                        Case{8, 576, 3072, 0, 1}, Case{13, 3000, 1001, 0, 0}, Case{16, 4096, 1001, 0, 0},
+                        Case{3, 64, 17, 0, 0}, Case{3, 4096, 300, 0, 0}, Case{4, 1536, 576, 0, 0},
+                        Case{5, 4100, 300, 0, 0}, Case{8, 576, 3072, 0, 1}, Case{13, 3000, 1001, 0, 0}, Case{16, 4096, 1001, 0, 0},
                         Case{16, 577, 333, 5, 0}, Case{16, 576, 49152, 0, 0}}) {
     const int64_t stride = c.k + c.pad;
     const Values x = random_values(d, c.rows * stride), w = random_values(d, c.weight_offset + c.n * c.k);
     Values out(d, c.rows * c.n);
     linear_cpu(LinearParams{d, c.rows, c.k, c.n, x.data(), stride, w.data(c.weight_offset), out.data()});
-    const DeviceBuffer dx(x), dw(w), dout(out);
+    const DeviceBuffer dx(x), dw(w), dout(nan_values(d, out.size()));
     linear_cuda(LinearParams{d, c.rows, c.k, c.n, dx.at(d), stride, dw.at(d, c.weight_offset), dout.at(d)}, nullptr);
     std::string what = describe("linear_cuda", d, c.rows, c.k, c.n, stride);
     if (c.weight_offset) what += " unaligned weight";
     expect_close(what, dout.to_host(d), as_doubles(out), vs_cpu(d, c.k));
+  }
+}
+
+// The fused prologues and residual against the CPU's fused call. A prologue output may round
+// the other way on the two devices (exp, the order of the sum of squares), which moves a product
+// by more than an elementwise tolerance allows near zero: the check is the relative error.
+void test_linear_cuda_fused(DType d) {
+  struct Case {
+    LinearPrologue prologue;
+    int64_t rows, k, n, pad, x_offset;
+  };
+  const LinearPrologue none = LinearPrologue::kNone, norm = LinearPrologue::kRmsNorm,
+                       silu = LinearPrologue::kSiluAndMul;
+  // x_offset 1: x not aligned to packs, read element by element while the weight stays packed;
+  // K = 577: the scalar path throughout; K = 20000 at one row: x in several chunks (the RMS over
+  // all of them, up at K + chunk offsets); N = 50000: blocks loop over several row groups.
+  for (const Case& c : {Case{norm, 1, 4096, 6144, 0, 0}, Case{silu, 1, 14336, 1001, 0, 0},
+                        Case{none, 1, 4096, 1001, 0, 0}, Case{norm, 1, 576, 50000, 0, 0},
+                        Case{silu, 1, 576, 960, 0, 1}, Case{norm, 1, 576, 960, 0, 1}, Case{norm, 1, 577, 300, 0, 0},
+                        Case{silu, 1, 577, 300, 0, 0}, Case{norm, 1, 20000, 64, 0, 0}, Case{silu, 1, 20000, 64, 0, 0},
+                        Case{silu, 3, 1536, 576, 8, 0}, Case{norm, 5, 4100, 300, 0, 0}, Case{norm, 16, 576, 333, 5, 0},
+                        Case{silu, 16, 4096, 1001, 0, 0}}) {
+    const FusedCase f(d, c.prologue, c.rows, c.k, c.n, c.pad);
+    Values out(d, c.rows * c.n);
+    linear_cpu(fused_params(f, f.x.data(), f.w.data(), f.norm_weight.data(), f.residual.data(), out.data()));
+    Values shifted_x(d, c.x_offset + f.x.size());
+    for (int64_t i = 0; i < f.x.size(); ++i) shifted_x.set(c.x_offset + i, f.x.get(i));
+    const DeviceBuffer dx(shifted_x), dw(f.w), dnorm(f.norm_weight), dres(f.residual), dout(nan_values(d, out.size()));
+    const DeviceBuffer in_place(f.residual);
+    linear_cuda(fused_params(f, dx.at(d, c.x_offset), dw.data(), dnorm.data(), dres.data(), dout.data()), nullptr);
+    linear_cuda(fused_params(f, dx.at(d, c.x_offset), dw.data(), dnorm.data(), in_place.data(), in_place.data()),
+                nullptr);
+    const std::string what = f.describe() + (c.x_offset ? " unaligned x" : "");
+    const double bound = d == DType::kFloat32 ? 1e-5 : d == DType::kFloat16 ? 2e-3 : 1e-2;
+    expect_relative_error(what, dout.to_host(d), as_doubles(out), bound);
+    expect_relative_error(what + " in place", in_place.to_host(d), as_doubles(out), bound);
   }
 }
 
@@ -186,6 +308,8 @@ int main() {
   rng.seed(20261125);
   for (DType d : kAllDtypes)
     run((std::string("linear_cpu ") + dtype_name(d)).c_str(), [d] { test_linear_cpu(d); });
+  for (DType d : kAllDtypes)
+    run((std::string("linear_cpu fused prologue and residual ") + dtype_name(d)).c_str(), [d] { test_linear_cpu_fused(d); });
   run("linear_cpu fp16 weights widened exactly", test_linear_cpu_fp16_values);
   for (const Backend& be : backends())
     run((std::string("bad params throw std::invalid_argument (") + be.name + ")").c_str(), [&] { test_bad_params(be); });
@@ -194,6 +318,8 @@ int main() {
   if (cuda_device_present()) {
     for (DType d : kAllDtypes)
       run((std::string("linear_cuda ") + dtype_name(d) + " vs cpu").c_str(), [d] { test_linear_cuda(d); });
+    for (DType d : kAllDtypes)
+      run((std::string("linear_cuda fused ") + dtype_name(d) + " vs cpu").c_str(), [d] { test_linear_cuda_fused(d); });
   } else {
     std::printf("skipped: CUDA kernel vs CPU kernel (no CUDA device)\n");
   }

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <functional>
+#include <limits>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -115,6 +116,29 @@ inline void expect_close(const std::string& what, const Values& got, const std::
   std::snprintf(detail, sizeof(detail), ": %lld of %zu values off, first at %lld: got %.8g, want %.8g",
                 static_cast<long long>(bad), want.size(), static_cast<long long>(first), got.get(first), want[first]);
   expect(false, what + detail);
+}
+
+// ||got - want|| / ||want|| below bound over all values; a NaN (an unwritten poisoned output)
+// fails it.
+inline void expect_relative_error(const std::string& what, const Values& got, const std::vector<double>& want,
+                                  double bound) {
+  double diff = 0, norm = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(want.size()); ++i) {
+    diff += (got.get(i) - want[i]) * (got.get(i) - want[i]);
+    norm += want[i] * want[i];
+  }
+  const double error = std::sqrt(diff / norm);
+  if (error < bound) return;
+  char detail[96];
+  std::snprintf(detail, sizeof(detail), ": relative error %.3g, bound %.1g", error, bound);
+  expect(false, what + detail);
+}
+
+// Values all NaN: an output buffer whose unwritten elements cannot pass for results.
+inline Values nan_values(DType dtype, int64_t n) {
+  Values v(dtype, n);
+  for (int64_t i = 0; i < n; ++i) v.set(i, std::numeric_limits<float>::quiet_NaN());
+  return v;
 }
 
 // Prints the verdict; the exit status of main().

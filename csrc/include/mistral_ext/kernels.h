@@ -175,16 +175,31 @@ void attention_cpu(const AttentionParams& p);
 // and out share the dtype. The kernels stream every weight element once, at memory bandwidth;
 // they take at most kLinearMaxRows input rows (more rows make the product compute-bound, the
 // work of a vendor GEMM).
+//
+// The decoder's small steps around each projection ride along, so that they cost no pass (and
+// no launch) of their own; each computes what the unfused op does, rounding included (on the
+// CPU to the bit; on CUDA the RMSNorm's sum of squares is added in another order):
+//  * prologue, applied to x as it is read: kRmsNorm is rms_norm(x, norm_weight, eps) (RmsNormParams),
+//    kSiluAndMul is silu_and_mul(x) (SiluAndMulParams: input holds gate | up, 2 * in_features
+//    columns); the result is rounded to dtype before the product, as the unfused op's output is;
+//  * epilogue: with a residual, out = residual + (x @ weight^T rounded to dtype), the sum of the
+//    two dtype tensors rounded once more, as torch adds them. residual may alias out; input
+//    must not.
 inline constexpr int64_t kLinearMaxRows = 16;
+enum class LinearPrologue : int32_t { kNone = 0, kRmsNorm = 1, kSiluAndMul = 2 };
 struct LinearParams {
   DType dtype;
   int64_t rows;             // M, at most kLinearMaxRows
   int64_t in_features;      // K
   int64_t out_features;     // N
-  const void* input;        // [rows, in_features], row stride input_row_stride
+  const void* input;        // [rows, in_features] ([rows, 2 * in_features] for kSiluAndMul), row stride input_row_stride
   int64_t input_row_stride;
   const void* weight;       // [out_features, in_features], contiguous
   void* out;                // [rows, out_features], contiguous
+  LinearPrologue prologue = LinearPrologue::kNone;
+  const void* norm_weight = nullptr;  // [in_features] for kRmsNorm
+  float eps = 0.f;                    // kRmsNorm
+  const void* residual = nullptr;     // [rows, out_features], contiguous, or null
 };
 void linear_cpu(const LinearParams& p);
 
