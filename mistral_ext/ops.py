@@ -62,8 +62,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, residual: Optional[torch.Te
 
     The decoder's steps around a projection come fused (one kernel at decode, the formulas
     and roundings of the separate ops): norm_weight [K] first applies
-    rms_norm(x, norm_weight, eps); silu_and_mul takes x [..., 2K] = [gate | up] and applies silu_and_mul(x); residual [..., N]
-    is added to the product (each rounded to the dtype, as the separate ops round).
+    rms_norm(x, norm_weight, eps); silu_and_mul takes x [..., 2K] = [gate | up] and first
+    applies silu_and_mul(x); residual [..., N] is added to the product (each step rounded to
+    the dtype, as the separate ops round).
     """
     return _ops.linear(x, weight, residual, norm_weight, eps, silu_and_mul)
 
