@@ -14,7 +14,8 @@
 // (attention_sm90.cu, MISTRAL_EXT_SM90_ATTENTION=1 until verified on the device).
 // Decode (at most 8 query rows per sequence and kv head, e.g. one new token with a GQA group of
 // 4): a kernel on CUDA cores instead, since the tensor-core kernel would pad those rows to 128;
-// it shares the tile loads and spends its time streaming K/V.
+// it shares the tile loads and spends its time streaming K/V. With overlap_previous it and its
+// combine kernel may start while the kernel before each still runs (they wait for it first).
 // Split-KV (flash-decoding): when the grid would not fill the GPU (decode: one token per sequence),
 // each CTA takes one slice of its key span and writes a partial (output, log-sum-exp) to the
 // workspace; a combine kernel merges the slices.
@@ -254,6 +255,8 @@ __global__ void combine_splits_kernel(T* __restrict__ out,                      
                                       const float* __restrict__ partial_out,    // [num_splits, rows, head_dim]
                                       const float* __restrict__ partial_lse,    // [num_splits, rows]
                                       int num_splits, int64_t rows, int head_dim) {
+  allow_next_kernel_launch();
+  wait_for_previous_kernel();  // the partial results
   const int64_t row = blockIdx.x;
   float max_lse = -INFINITY;
   for (int s = 0; s < num_splits; ++s) max_lse = fmaxf(max_lse, partial_lse[s * rows + row]);
@@ -323,6 +326,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   float* row_sum = row_max + kDecodeMaxRows;                        // [kDecodeMaxRows]
   float* partials = reinterpret_cast<float*>(smem);                 // [kKeyGroups][kDecodeMaxRows][kHeadDim]
 
+  allow_next_kernel_launch();
+  wait_for_previous_kernel();  // q, k, v, the caches and cache_lens may be its output
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int split = blockIdx.x;
   const int group = p.num_heads / p.num_kv_heads;
@@ -567,8 +572,8 @@ void launch_attention(const AttentionParams& p, int splits, CudaStream stream) {
                   static_cast<unsigned>(p.batch));
   if (decode) {
     allow_dynamic_shared_memory(decode_attention_kernel<T, kHeadDim>, DecodeSmem<kHeadDim>::kBytes);
-    decode_attention_kernel<T, kHeadDim>
-        <<<grid, kDecodeThreads, DecodeSmem<kHeadDim>::kBytes, stream>>>(p, splits, partial_out, partial_lse);
+    launch_kernel(decode_attention_kernel<T, kHeadDim>, grid, dim3(kDecodeThreads), DecodeSmem<kHeadDim>::kBytes,
+                  stream, p.overlap_previous, p, splits, partial_out, partial_lse);
     check_launch("attention");
   } else if (kHeadDim == 128 && sm90_attention_enabled()) {
     launch_attention_sm90<T>(p, grid, splits, partial_out, partial_lse, stream);
@@ -579,8 +584,9 @@ void launch_attention(const AttentionParams& p, int splits, CudaStream stream) {
     check_launch("attention");
   }
   if (splits > 1) {
-    combine_splits_kernel<T><<<static_cast<unsigned>(out_rows), p.head_dim, 0, stream>>>(
-        static_cast<T*>(p.out), partial_out, partial_lse, splits, out_rows, p.head_dim);
+    launch_kernel(combine_splits_kernel<T>, dim3(static_cast<unsigned>(out_rows)), dim3(p.head_dim), 0, stream,
+                  decode && p.overlap_previous, static_cast<T*>(p.out), partial_out, partial_lse, splits, out_rows,
+                  p.head_dim);
     check_launch("attention (combine)");
   }
 }

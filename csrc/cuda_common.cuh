@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "common.h"
 
@@ -122,6 +123,51 @@ __device__ __forceinline__ float block_sum(float v) {
 inline int block_threads(int64_t items, int max_threads) {
   const int64_t warps = (items + 31) / 32;
   return static_cast<int>(warps >= max_threads / 32 ? max_threads : (warps > 0 ? warps * 32 : 32));
+}
+
+// Programmatic dependent launch (compute capability 9.0 and up). A kernel launched with
+// launch_kernel(..., overlap_previous = true) may start while the previous kernel in its stream
+// still runs, as soon as every block of that kernel has called allow_next_kernel_launch() or
+// exited. Every block of such a kernel must call wait_for_previous_kernel(), which returns once
+// that kernel has finished and its writes are visible; since the rule holds for every kernel
+// launched this way, the previous kernel's own wait makes that "every kernel before it". Until
+// then a block must not touch memory that a kernel still in flight writes or reads: only data
+// that stays fixed, like a model's weights. Both calls do nothing on older GPUs and in kernels
+// launched without the attribute.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_next_kernel_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem_bytes, stream>>>(args...), allowed to overlap the previous kernel in
+// the stream (see above) when overlap_previous is set and the code the device runs was built for
+// compute capability 9.0+ (PTX for an older one, compiled on the fly for a Hopper, has no wait).
+// Errors surface as a launch's do: through check_launch.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, CudaStream stream,
+                   bool overlap_previous, Args&&... args) {
+  if (overlap_previous) {
+    cudaFuncAttributes attributes{};
+    overlap_previous = cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.ptxVersion >= 90;
+  }
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = overlap_previous ? 1 : 0;
+  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 // Call right after a launch: a bad configuration surfaces here, not at the next sync.

@@ -20,6 +20,10 @@
 //    groups of 8 R rows: x is staged once per block when K fits in one chunk.
 //  * R grows with M (1 row at M = 1, up to 4 at M >= 8) so that each x value read from shared
 //    memory feeds R multiply-adds: shared-memory traffic stays well below the weight stream's.
+//  * With LinearParams::overlap_previous (programmatic dependent launch, compute capability 9.0+)
+//    the kernel starts while the previous one finishes: its first weight loads are in flight
+//    before it waits for that kernel's output, and it lets the next kernel start as soon as all
+//    of its own blocks run, so back-to-back projections leave no launch gap and no idle tail.
 //  * A scalar path (one element per lane and step) serves weights that are not 16-byte aligned or
 //    whose rows are not a whole number of packs (K not a multiple of 8, or of 4 for fp32); x is
 //    read element by element when it is not aligned to packs.
@@ -168,6 +172,7 @@ __global__ void __launch_bounds__(kThreads, MT <= 4 ? 2 : 1)
                   int chunk) {                   // K elements staged at a time, a multiple of 32 W
   extern __shared__ __align__(16) float xs[];   // [rows, chunk], x_slot layout
   __shared__ float inv_rms[kLinearMaxRows];
+  allow_next_kernel_launch();  // its blocks wait for SM room, then preload their own weights
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int64_t groups = (N + kWarps * R - 1) / (kWarps * R);
@@ -192,6 +197,9 @@ __global__ void __launch_bounds__(kThreads, MT <= 4 ? 2 : 1)
       if (chunks > 1 || group == blockIdx.x) {  // block-uniform: with one chunk, stage it once
         __syncthreads();                        // every warp is done with the previous chunk
         const bool first = group == blockIdx.x && c == 0;
+        // x, norm_weight, residual and out may be the previous kernel's: only the weight is
+        // read before this point.
+        if (first) wait_for_previous_kernel();
         if (in.packed) {
           if (first && in.prologue == LinearPrologue::kRmsNorm) compute_inverse_rms<T, W>(inv_rms, in, rows, K);
           stage_x<T, W, W>(xs, in, inv_rms, rows, K, k0, k_len, chunk);
@@ -286,9 +294,9 @@ void launch(const LinearParams& p, CudaStream stream) {
   // x in packs too when its rows and the norm weight line up on them (the weight already does).
   in.packed = W > 1 && packs_fit<T>({p.input, p.prologue == LinearPrologue::kRmsNorm ? p.norm_weight : nullptr},
                                     {p.rows > 1 ? p.input_row_stride : 0});
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(
-      static_cast<T*>(p.out), in, static_cast<const T*>(p.weight), static_cast<const T*>(p.residual),
-      static_cast<int>(p.rows), p.in_features, p.out_features, static_cast<int>(chunk));
+  launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem_bytes, stream, p.overlap_previous,
+                static_cast<T*>(p.out), in, static_cast<const T*>(p.weight), static_cast<const T*>(p.residual),
+                static_cast<int>(p.rows), p.in_features, p.out_features, static_cast<int>(chunk));
   check_launch("linear");
 }
 

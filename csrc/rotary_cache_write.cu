@@ -4,7 +4,8 @@
 // Padding (negative position) is left as it is and not written; a token that a later token of
 // the call overwrites is rotated but not written. One block per token: cos/sin once into shared
 // memory, then the block rotates the q and k heads, storing k both in place and in the cache
-// slot, and copies v to the slot; k is read once instead of twice.
+// slot, and copies v to the slot; k is read once instead of twice. With overlap_previous the
+// launch may overlap the kernel before it, which the blocks wait for before reading anything.
 #include <algorithm>
 
 #include "cuda_common.cuh"
@@ -31,6 +32,8 @@ __global__ void __launch_bounds__(kMaxThreads) rotary_cache_write_kernel(
     int tokens, int capacity, int num_heads, int num_kv_heads, int head_dim, const RopeInvFreq inv_freq) {
   __shared__ float cos_s[kRopeMaxHalf];
   __shared__ float sin_s[kRopeMaxHalf];
+  allow_next_kernel_launch();
+  wait_for_previous_kernel();  // q, k, v and the positions may be its output
   const int64_t token = blockIdx.x;  // b * tokens + t
   const int64_t position = positions[token];
   if (position < 0) return;  // the same for the whole block, so no thread misses the barrier
@@ -62,11 +65,11 @@ void rotary_embedding_cache_write_cuda(const RotaryCacheWriteParams& p, CudaStre
     dispatch_pack_width<T>(packed, [&](auto width) {
       constexpr int W = decltype(width)::value;
       const int64_t items = std::max(static_cast<int64_t>(r.num_heads + r.num_kv_heads) * (half / W), token_elems / W);
-      rotary_cache_write_kernel<T, W><<<static_cast<unsigned>(r.tokens), block_threads(items, kMaxThreads), 0,
-                                        stream>>>(
-          static_cast<T*>(r.q), r.q_token_stride, static_cast<T*>(r.k), r.k_token_stride,
-          static_cast<const T*>(c.v), c.v_token_stride, static_cast<T*>(c.k_cache), static_cast<T*>(c.v_cache),
-          r.positions, c.tokens, c.capacity, r.num_heads, r.num_kv_heads, r.head_dim, inv_freq);
+      launch_kernel(rotary_cache_write_kernel<T, W>, dim3(static_cast<unsigned>(r.tokens)),
+                    dim3(block_threads(items, kMaxThreads)), 0, stream, p.overlap_previous, static_cast<T*>(r.q),
+                    r.q_token_stride, static_cast<T*>(r.k), r.k_token_stride, static_cast<const T*>(c.v),
+                    c.v_token_stride, static_cast<T*>(c.k_cache), static_cast<T*>(c.v_cache), r.positions, c.tokens,
+                    c.capacity, r.num_heads, r.num_kv_heads, r.head_dim, inv_freq);
     });
   });
   check_launch("rotary_embedding_cache_write");

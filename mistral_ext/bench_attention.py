@@ -14,6 +14,7 @@ Times are medians of CUDA-event timings. Without a GPU it says so and runs a sma
 comparison (ours vs SDPA, SmolLM2-135M attention shapes) instead.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -73,6 +74,20 @@ def time_cpu(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def environment_variable(name: str, value: str):
+    """`name` set to `value` inside the block (read by the kernels' launchers at each call)."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
 def visible_pairs(seq: int, window: Optional[int]) -> int:
     """Query-key pairs a causal (window None) or sliding-window prompt of `seq` tokens computes."""
     if window is None or window >= seq:
@@ -118,19 +133,12 @@ def prefill_rows(seq: int, repeats: int) -> List[Row]:
 
     rows = []
     for label, flag in our_prefill_kernels():
-        previous = os.environ.get(SM90_FLAG)
-        os.environ[SM90_FLAG] = flag
-        try:
+        with environment_variable(SM90_FLAG, flag):
             call = lambda: ops.attention(q, k, v, None, None, positions, None, WINDOW, scale)  # noqa: E731
             error = ((call().float() - expected).abs().max() / expected.abs().max()).item()
             if error > 2e-2:
                 raise RuntimeError(f"our {label} prefill differs from FlexAttention by {error:.3g} (relative)")
             ours = time_cuda(call, repeats)
-        finally:
-            if previous is None:
-                del os.environ[SM90_FLAG]
-            else:
-                os.environ[SM90_FLAG] = previous
         workload = f"prefill S={seq} {label}"
         rows.append(Row(workload, "SDPA flash (full causal)", ours * 1e3, sdpa * 1e3, "ms", window_flop / ours / 1e12,
                         visible_pairs(seq, None) * flop_per_pair / sdpa / 1e12, "TFLOP/s"))

@@ -3,6 +3,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "op_impls.h"
 
 namespace mistral_ext::binding {
@@ -22,10 +25,27 @@ struct CudaBackend {
   static void launch(const RotaryParams& p) { rotary_embedding_cuda(p, stream()); }
   static void launch(const SiluAndMulParams& p) { silu_and_mul_cuda(p, stream()); }
   static void launch(const KvCacheWriteParams& p) { kv_cache_write_cuda(p, stream()); }
-  static void launch(const RotaryCacheWriteParams& p) { rotary_embedding_cache_write_cuda(p, stream()); }
+  static void launch(RotaryCacheWriteParams p) {
+    p.overlap_previous = overlap_launches();
+    rotary_embedding_cache_write_cuda(p, stream());
+  }
   static size_t workspace_bytes(const AttentionParams& p) { return attention_workspace_bytes(p); }
-  static void launch(const AttentionParams& p) { attention_cuda(p, stream()); }
-  static void launch(const LinearParams& p) { linear_cuda(p, stream()); }
+  static void launch(AttentionParams p) {
+    p.overlap_previous = overlap_launches();
+    attention_cuda(p, stream());
+  }
+  static void launch(LinearParams p) {
+    p.overlap_previous = overlap_launches();
+    linear_cuda(p, stream());
+  }
+  // MISTRAL_EXT_PDL=1 at run time: the decode step's kernels may start while the kernel before
+  // them finishes ("Overlapping launches" in kernels.h); the linear op's weight must then not be
+  // written by a kernel in flight, as a model's is not. Opt-in until its first GPU run is
+  // recorded in docs/RESULTS.md.
+  static bool overlap_launches() {
+    const char* flag = std::getenv("MISTRAL_EXT_PDL");
+    return flag != nullptr && std::strcmp(flag, "1") == 0;
+  }
   // Measured on an H100 (docs/RESULTS.md, Mistral-7B shapes, bf16): our GEMV matches cuBLAS at one
   // row and falls behind from two rows on (5x slower at 16), so only single rows take it.
   static int64_t linear_max_rows(at::ScalarType) { return 1; }

@@ -5,8 +5,10 @@ which they read their weights. For each projection of a decoder layer and the LM
 input rows (--rows), this times ours and F.linear on the same weights in the same run and prints GB/s of
 weight read by each. Many copies of each weight are cycled through, at least 256 MB in all, so
 that none is cache-resident, as in a real decode step. The "step" rows time a whole step's
-matmuls: every layer's projections in order, then the head. The ms columns are the time of one
-pass: one call per copy, or one step.
+matmuls: every layer's projections in order, then the head; on CUDA also replayed as a CUDA graph
+(no launch gaps from the host), and so again with our projections launched to overlap the one
+before (MISTRAL_EXT_PDL=1; F.linear unchanged). The ms columns are the time of one pass: one call
+per copy, or one step.
 
   CPU:  the embedded SmolLM2-135M's shapes (hidden 576, 30 layers, tied 49152-row head), fp32, bf16
   CUDA: Mistral-7B's shapes (hidden 4096, 32 layers, 32000-row head), bf16, CUDA-event timings
@@ -20,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from mistral_ext import ops
-from mistral_ext.bench_attention import time_cpu, time_cuda
+from mistral_ext.bench import PDL_FLAG
+from mistral_ext.bench_attention import environment_variable, time_cpu, time_cuda
 
 # name, layers, per-layer (projection, out_features, in_features), the LM head (fused q|k|v and
 # gate|up projections, as the model runs them).
@@ -46,10 +49,21 @@ def cycle(linear, pairs):
     return run
 
 
-def compare(label: str, pairs, device: str, repeats: int) -> None:
+def graphed(fn):
+    """fn captured as a CUDA graph: its replay launches the kernels with no host work between them."""
+    fn()  # warm-up (cuBLAS handles, workspaces) outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def compare(label: str, pairs, device: str, repeats: int, capture=None) -> None:
+    """Ours and F.linear over `pairs`; capture(fn) -> fn replaces each (a CUDA graph) when given."""
     weight_bytes = sum(w.numel() * w.element_size() for _, w in pairs)
-    ours = median_seconds(cycle(ops.linear, pairs), device, repeats)
-    theirs = median_seconds(cycle(F.linear, pairs), device, repeats)
+    capture = capture or (lambda fn: fn)
+    ours = median_seconds(capture(cycle(ops.linear, pairs)), device, repeats)
+    theirs = median_seconds(capture(cycle(F.linear, pairs)), device, repeats)
     print(f"{label:<46} {weight_bytes / ours / 1e9:>9.1f} {weight_bytes / theirs / 1e9:>10.1f} "
           f"{theirs / ours:>6.2f}x   {ours * 1e3:>8.2f} {theirs * 1e3:>9.2f}")
 
@@ -86,6 +100,10 @@ def main() -> None:
             step = [(inputs[k], weights[name][layer]) for layer in range(layers) for name, _, k in projections]
             step.append((inputs[head[2]], weights[head[0]][0]))
             compare(f"step: {layers} layers + head, M={rows}, {dtype_name}", step, device, args.repeats)
+            if device == "cuda":
+                compare(f"step, CUDA graph, M={rows}", step, device, args.repeats, graphed)
+                with environment_variable(PDL_FLAG, "1"):  # read by our launches while captured
+                    compare(f"step, CUDA graph, ours + PDL, M={rows}", step, device, args.repeats, graphed)
         del weights
 
 

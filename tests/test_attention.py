@@ -278,6 +278,39 @@ def test_cuda_split_kv_decode_long_cache(batch, head_dim):
     check_against_reference(case, window)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="launches overlap from compute capability 9.0 on")
+def test_cuda_decode_steps_with_overlapping_launches(monkeypatch):
+    """MISTRAL_EXT_PDL=1: decode steps of RoPE + cache write, then attention over a wrapped 4096-slot
+    cache (split-KV and its combine kernel), each step's query the previous step's output, every
+    kernel free to start while the one before it runs: the outputs of serial launches (the same
+    kernels and sums; a read before the wait would see stale data), and the reference's."""
+    monkeypatch.delenv("MISTRAL_EXT_PDL", raising=False)
+    torch.manual_seed(12)
+    window, cached, steps = 4096, 4196, 6
+    case = Case(32, 8, 128, tokens=1, lengths=[1], cached=[cached], capacity=window, dtype=torch.bfloat16,
+                device="cuda")
+    new_kv = [(randn(1, 1, 8, 128, dtype=torch.bfloat16, device="cuda"),
+               randn(1, 1, 8, 128, dtype=torch.bfloat16, device="cuda")) for _ in range(steps)]
+    positions = [torch.full((1, 1), cached + t, device="cuda") for t in range(steps)]
+    lens = [torch.full((1,), cached + t, dtype=torch.int32, device="cuda") for t in range(steps)]
+
+    def decode(impl):
+        q, k_cache, v_cache = case.q.clone(), case.k_cache.clone(), case.v_cache.clone()
+        for (k, v), position, cache_len in zip(new_kv, positions, lens):
+            k, v = k.clone(), v.clone()
+            impl.rotary_embedding_cache_write_(q, k, v, k_cache, v_cache, position, 10000.0)
+            q = impl.attention(q, k, v, k_cache, v_cache, position, cache_len, window, 128 ** -0.5)
+        return q
+
+    serial = decode(ops)
+    monkeypatch.setenv("MISTRAL_EXT_PDL", "1")
+    torch.cuda._sleep(50_000_000)  # holds the stream while the steps are queued: the launches can overlap
+    assert torch.equal(decode(ops), serial)
+    want = decode(reference).float()
+    assert ((serial.float() - want).norm() / want.norm()).item() < TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_long_prefill(dtype):

@@ -370,6 +370,24 @@ def test_cuda_graph_generate_equals_eager_generate():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the decode attention kernel
+def test_cuda_overlapping_launches_equal_serial_generate(monkeypatch, dtype):
+    """Batch 1 (our GEMV for every projection) with MISTRAL_EXT_PDL=1: the decode step's kernels may
+    start while the kernel before each runs, eagerly and inside the captured graph; the tokens are
+    those of serial launches (the same kernels and sums)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("launches overlap from compute capability 9.0 on")
+    monkeypatch.delenv("MISTRAL_EXT_PDL", raising=False)
+    ours, _ = make_pair(seed=20, sliding_window=7, **CUDA_SHAPES)
+    ours = ours.to(device="cuda", dtype=dtype)
+    ids = prompt(1, 9, seed=20).cuda()
+    serial = ours.generate(ids, max_new_tokens=25)
+    monkeypatch.setenv("MISTRAL_EXT_PDL", "1")
+    for use_cuda_graph in (False, True):
+        assert torch.equal(ours.generate(ids, max_new_tokens=25, use_cuda_graph=use_cuda_graph), serial)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_decode_step_matches_eager_step(dtype):
     """Step by step: the same logits, cache contents, cache lengths and token count."""

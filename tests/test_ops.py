@@ -599,6 +599,36 @@ def test_linear_cuda_long_rows(dtype, in_features):
     torch.testing.assert_close(ops.linear(x, w), reference.linear(x, w), **tol)
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cuda_overlapping_launches(monkeypatch, dtype):
+    """MISTRAL_EXT_PDL=1: each projection may start while the kernel before it runs. Decoder MLP
+    blocks back to back, every call reading what the one before wrote: the same values as with
+    serial launches (same kernels, same order of sums; a read before the wait would see a stale
+    input) and as the reference's composition."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("launches overlap from compute capability 9.0 on")
+    monkeypatch.delenv("MISTRAL_EXT_PDL", raising=False)
+    hidden, inner, layers = 1024, 2816, 8
+    blocks = [(rand(hidden, dtype=dtype, device="cuda"),
+               rand(2 * inner, hidden, dtype=dtype, device="cuda") / hidden ** 0.5,
+               rand(hidden, inner, dtype=dtype, device="cuda") / inner ** 0.5) for _ in range(layers)]
+    h0 = rand(1, hidden, dtype=dtype, device="cuda")
+    torch.cuda.synchronize()  # the weights stay fixed while overlapping launches read them
+
+    def chain(linear):
+        h = h0
+        for norm_weight, gate_up, down in blocks:
+            h = linear(linear(h, gate_up, norm_weight=norm_weight, eps=1e-5), down, residual=h, silu_and_mul=True)
+        return h
+
+    serial = chain(ops.linear)
+    monkeypatch.setenv("MISTRAL_EXT_PDL", "1")
+    torch.cuda._sleep(50_000_000)  # holds the stream while the chain is queued: the launches can overlap
+    assert torch.equal(chain(ops.linear), serial)
+    assert_relative_error(serial, chain(reference.linear), layers * FUSED_REL_ERROR[dtype])
+
+
 # The decoder's steps fused into the linear op: (prologue, residual) against the reference's
 # unfused composition. Each step rounds to the dtype, and one-ulp differences in the prologue's
 # output (exp, the sum of squares) move the product by more than an elementwise tolerance on

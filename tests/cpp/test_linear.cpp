@@ -11,14 +11,18 @@
 //  * when built with CUDA and a device is present, the CUDA kernel against the CPU kernel: packed
 //    and scalar paths, K longer than one shared-memory chunk, output rows that do not fill the
 //    last group and more groups than the grid has blocks; and with the prologues and the residual
-//    (in place too), x aligned to packs or not, K in one chunk or several.
+//    (in place too), x aligned to packs or not, K in one chunk or several; and a chain of decoder
+//    MLP blocks launched to overlap each previous kernel equal to the bit to the serial chain.
 // Prints one line per failed check and exits non-zero if there was any.
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "test_support.h"
@@ -300,6 +304,72 @@ void test_linear_cuda_fused(DType d) {
   }
 }
 
+// Decoder MLP blocks back to back, h += down(silu_and_mul(gate_up(rms_norm(h)))) in place, layer
+// after layer: every call reads what the call before it wrote. Launched with overlap_previous
+// (each projection may start before the previous one ends), on the legacy default stream and on a
+// stream of its own, the chain must equal to the bit the same chain launched without it (same
+// kernels, same order of sums); a read before the kernel's wait would see a stale h. Both are
+// also checked against the CPU's chain.
+void test_linear_cuda_overlapping_chain(DType d) {
+  const int64_t hidden = 1024, inner = 2816, layers = 8;
+  struct Layer {
+    Values norm, gate_up, down;
+  };
+  std::vector<Layer> model;
+  for (int64_t l = 0; l < layers; ++l)
+    model.push_back({random_values(d, hidden), random_values(d, 2 * inner * hidden), random_values(d, hidden * inner)});
+  const Values h0 = random_values(d, hidden);
+  const auto gate_up_params = [&](const void* norm, const void* w, const void* h, void* out) {
+    LinearParams p{d, 1, hidden, 2 * inner, h, hidden, w, out};
+    p.prologue = LinearPrologue::kRmsNorm, p.norm_weight = norm, p.eps = 1e-5f;
+    return p;
+  };
+  const auto down_params = [&](const void* gate_up, const void* w, void* h) {
+    LinearParams p{d, 1, inner, hidden, gate_up, 2 * inner, w, h};
+    p.prologue = LinearPrologue::kSiluAndMul, p.residual = h;
+    return p;
+  };
+
+  Values h = h0, gate_up(d, 2 * inner);
+  for (const Layer& l : model) {
+    linear_cpu(gate_up_params(l.norm.data(), l.gate_up.data(), h.data(), gate_up.data()));
+    linear_cpu(down_params(gate_up.data(), l.down.data(), h.data()));
+  }
+
+  std::vector<std::unique_ptr<DeviceBuffer>> weights;
+  for (const Layer& l : model)
+    for (const Values* v : {&l.norm, &l.gate_up, &l.down}) weights.push_back(std::make_unique<DeviceBuffer>(*v));
+  cudaStream_t own_stream = nullptr;
+  check_cuda(cudaStreamCreateWithFlags(&own_stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  const auto chain_on_cuda = [&](bool overlap, cudaStream_t stream) {
+    const DeviceBuffer dh(h0), dgate_up(nan_values(d, 2 * inner));
+    check_cuda(cudaDeviceSynchronize(), "copies to the device");  // own_stream does not wait for them
+    // The stream waits 20 ms on the host first: the whole chain is queued by then, so each kernel
+    // really can start before the one before it ends (one launch costs the host about as long as
+    // a kernel here).
+    check_cuda(cudaLaunchHostFunc(
+                   stream, [](void*) { std::this_thread::sleep_for(std::chrono::milliseconds(20)); }, nullptr),
+               "cudaLaunchHostFunc");
+    for (int64_t l = 0; l < layers; ++l) {
+      LinearParams first =
+          gate_up_params(weights[3 * l]->data(), weights[3 * l + 1]->data(), dh.data(), dgate_up.data());
+      LinearParams second = down_params(dgate_up.data(), weights[3 * l + 2]->data(), dh.data());
+      first.overlap_previous = second.overlap_previous = overlap;
+      linear_cuda(first, stream);
+      linear_cuda(second, stream);
+    }
+    return dh.to_host(d);
+  };
+  const Values serial = chain_on_cuda(false, own_stream);
+  const double bound = d == DType::kFloat32 ? 1e-4 : 5e-2;
+  const std::string what = std::string("linear_cuda chain of ") + std::to_string(layers) + " MLP blocks " + dtype_name(d);
+  expect_relative_error(what + " vs cpu", serial, as_doubles(h), bound);
+  for (cudaStream_t stream : {static_cast<cudaStream_t>(nullptr), own_stream})
+    expect(chain_on_cuda(true, stream) == serial,
+           what + (stream ? " (own stream)" : " (default stream)") + ": overlapping launches differ from serial ones");
+  check_cuda(cudaStreamDestroy(own_stream), "cudaStreamDestroy");
+}
+
 #endif  // MISTRAL_EXT_WITH_CUDA
 
 }  // namespace
@@ -320,6 +390,9 @@ int main() {
       run((std::string("linear_cuda ") + dtype_name(d) + " vs cpu").c_str(), [d] { test_linear_cuda(d); });
     for (DType d : kAllDtypes)
       run((std::string("linear_cuda fused ") + dtype_name(d) + " vs cpu").c_str(), [d] { test_linear_cuda_fused(d); });
+    for (DType d : {DType::kFloat32, DType::kBFloat16})
+      run((std::string("linear_cuda overlapping launches ") + dtype_name(d)).c_str(),
+          [d] { test_linear_cuda_overlapping_chain(d); });
   } else {
     std::printf("skipped: CUDA kernel vs CPU kernel (no CUDA device)\n");
   }

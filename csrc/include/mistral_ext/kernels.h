@@ -41,6 +41,14 @@ size_t dtype_size(DType dtype);
 
 using CudaStream = CUstream_st*;
 
+// Overlapping launches (CUDA on compute capability 9.0 and up; ignored elsewhere). The params of
+// the kernels of a decode step (linear, rotary_embedding_cache_write, attention's decode kernel)
+// carry `overlap_previous`: when set, the kernel may start while the previous kernel in the stream
+// still runs (programmatic dependent launch) and waits on the device for that kernel's results
+// before it touches memory it may have written or read, so back-to-back kernels leave no launch
+// gap or idle tail. Only linear does work before that wait: it streams its first weight packs, so
+// its weight must not be written by any kernel still in flight (true of a model's fixed weights).
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight, accumulated in fp32.
 struct RmsNormParams {
@@ -132,6 +140,7 @@ void kv_cache_write_cpu(const KvCacheWriteParams& p);
 struct RotaryCacheWriteParams {
   RotaryParams rotary;      // q and k rotated in place
   KvCacheWriteParams cache; // the rotated k and v written to the ring buffers
+  bool overlap_previous = false;  // see "Overlapping launches" at the top
 };
 void rotary_embedding_cache_write_cpu(const RotaryCacheWriteParams& p);
 
@@ -166,6 +175,7 @@ struct AttentionParams {
   const int32_t* cache_lens;// [batch] (null when capacity 0)
   void* out;                // [batch, tokens, num_heads, head_dim], contiguous
   void* workspace;          // CUDA only: attention_workspace_bytes(p) bytes of scratch (or null if 0)
+  bool overlap_previous = false;  // CUDA decode kernel (bf16 / fp16, tokens * group <= 8): see "Overlapping launches"
 };
 void attention_cpu(const AttentionParams& p);
 
@@ -200,6 +210,7 @@ struct LinearParams {
   const void* norm_weight = nullptr;  // [in_features] for kRmsNorm
   float eps = 0.f;                    // kRmsNorm
   const void* residual = nullptr;     // [rows, out_features], contiguous, or null
+  bool overlap_previous = false;      // see "Overlapping launches" at the top
 };
 void linear_cpu(const LinearParams& p);
 
