@@ -152,17 +152,30 @@ class _DecodeStep:
             self.cache.seen_tokens += 1   # the host-side count that replaying does not run
             return self.logits
         self.tokens, self.positions = tokens.clone(), positions.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        device = tokens.device                # the model's, which need not be the current device
+        caller = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(caller)
         with torch.cuda.stream(side):
             logits = self._forward(self.tokens, self.positions)
-        torch.cuda.current_stream().wait_stream(side)
+        caller.wait_stream(side)
+        buffers = [t.data_ptr() for t in self.cache.key_cache + self.cache.value_cache]
+        seen_tokens = self.cache.seen_tokens
         graph = torch.cuda.CUDAGraph()
         try:  # captured on the stream that ran the eager step, whose cuBLAS workspace now exists
-            with torch.cuda.graph(graph, stream=side):  # records the step without running it
-                self.logits = self._forward(self.tokens, self.positions)
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                self.logits = self._forward(self.tokens, self.positions)  # recorded, not run
+        except Exception as error:
+            torch.cuda.set_stream(caller)     # a failed capture_end leaves the capture stream current
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
+            raise RuntimeError("generate(use_cuda_graph=True): capturing the decode step failed "
+                               f"({error}); use_cuda_graph=False runs it eagerly") from error
         finally:
-            self.cache.seen_tokens -= 1       # the capture counted a step that did not run
+            self.cache.seen_tokens = seen_tokens  # the capture counted a step that did not run
+        if [t.data_ptr() for t in self.cache.key_cache + self.cache.value_cache] != buffers:
+            raise RuntimeError("generate(use_cuda_graph=True): the KV cache was reallocated while the decode "
+                               "step was captured; it must be sized for the whole generation first")
         self.graph = graph
         return logits
 
@@ -403,7 +416,9 @@ class GenerationMixin:
             picker.seen = torch.zeros(batch, config.vocab_size + 1, dtype=torch.bool, device=device)
             picker.note(input_ids.clamp(max=config.vocab_size).masked_fill(padding, config.vocab_size))
 
-        with _explain_out_of_memory(batch, prompt_length, max_new_tokens, device):
+        # On CUDA the model's device is made current: streams and events below belong to it.
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with _explain_out_of_memory(batch, prompt_length, max_new_tokens, device), on_device:
             output = input_ids.new_full((batch, prompt_length + max_new_tokens), pad_token_id)
             output[:, :prompt_length] = input_ids
             if streamer is not None:

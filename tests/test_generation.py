@@ -370,6 +370,40 @@ def test_cuda_graph_generate_equals_eager_generate():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_split_kv_decode_equals_eager():
+    """bf16 (the decode attention kernel) over a 330-slot cache and no window: the keys are split
+    across CTAs, whose workspace is allocated inside the capture, and merged by the combine kernel.
+    Batch 1: every decode matmul is our GEMV, whose sums do not depend on the capture."""
+    ours, _ = make_pair(seed=22, sliding_window=None, **CUDA_SHAPES)
+    ours = ours.to(device="cuda", dtype=torch.bfloat16)
+    ids = prompt(1, 300, seed=22).cuda()
+    eager = ours.generate(ids, max_new_tokens=30)
+    assert torch.equal(ours.generate(ids, max_new_tokens=30, use_cuda_graph=True), eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_capture_failure_is_reported_and_leaves_the_process_usable(monkeypatch):
+    ours, _ = make_pair(seed=21, sliding_window=7, **CUDA_SHAPES)
+    ours = ours.cuda()
+    ids = prompt(1, 5, seed=21).cuda()
+    expected = ours.generate(ids, max_new_tokens=6)
+    forward = generation._DecodeStep._forward
+
+    def syncing_forward(self, tokens, positions):
+        if torch.cuda.is_current_stream_capturing():
+            tokens.cpu()  # a host sync, which a capture does not allow
+        return forward(self, tokens, positions)
+
+    monkeypatch.setattr(generation._DecodeStep, "_forward", syncing_forward)
+    stream = torch.cuda.current_stream()
+    with pytest.raises(RuntimeError, match="capturing the decode step failed"):
+        ours.generate(ids, max_new_tokens=6, use_cuda_graph=True)
+    assert torch.cuda.current_stream() == stream
+    monkeypatch.undo()
+    assert torch.equal(ours.generate(ids, max_new_tokens=6, use_cuda_graph=True), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the decode attention kernel
 def test_cuda_overlapping_launches_equal_serial_generate(monkeypatch, dtype):
     """Batch 1 (our GEMV for every projection) with MISTRAL_EXT_PDL=1: the decode step's kernels may
@@ -406,6 +440,7 @@ def test_cuda_graph_decode_step_matches_eager_step(dtype):
         positions = torch.full((3, 1), 5 + step, device="cuda")
         expected = eager(tokens[:, step:step + 1], positions).clone()
         torch.testing.assert_close(graph(tokens[:, step:step + 1], positions), expected, **tol)
+    assert graph.graph is not None  # replayed, not run eagerly
     assert caches[1].seen_tokens == caches[0].seen_tokens == 20
     assert torch.equal(caches[1].cache_lens, caches[0].cache_lens)
     for a, b in zip(caches[0].key_cache + caches[0].value_cache, caches[1].key_cache + caches[1].value_cache):
