@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, MT <= 4 ? 2 : 1)
                   int chunk) {                   // K elements staged at a time, a multiple of 32 W
   extern __shared__ __align__(16) float xs[];   // [rows, chunk], x_slot layout
   __shared__ float inv_rms[kLinearMaxRows];
-  allow_next_kernel_launch();  // its blocks wait for SM room, then preload their own weights
+  allow_next_kernel_launch();  // the next kernel's blocks take SM room as ours leave and preload weights
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int64_t groups = (N + kWarps * R - 1) / (kWarps * R);
