@@ -262,17 +262,6 @@ __device__ __forceinline__ void store_warp_rows(const AttentionParams& p, const 
   }
 }
 
-// Lets `kernel` use `bytes` of dynamic shared memory (above 48 KB a kernel must opt in).
-template <typename Kernel>
-void allow_dynamic_shared_memory(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return;
-  const cudaError_t error =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  if (error != cudaSuccess)
-    throw std::runtime_error(std::string("mistral_ext: attention: cannot set shared memory size: ") +
-                             cudaGetErrorString(error));
-}
-
 // ---------------------------------------------------------------------------------------------
 // The Hopper prefill kernel (attention_sm90.cu): bf16 / fp16, head_dim 128, same grid, rows and
 // outputs as the tensor-core kernel of attention.cu.

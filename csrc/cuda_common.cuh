@@ -1,15 +1,20 @@
 // Internal helpers shared by the CUDA kernels: dtype dispatch onto CUDA storage types, fp32
-// conversion, 16-byte packed loads/stores, block reductions and the launch error check.
+// conversion, 16-byte packed loads/stores, block reductions, remembered launch queries and the
+// launch error check.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -146,6 +151,95 @@ __device__ __forceinline__ void allow_next_kernel_launch() {
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------
+// Launch queries, made once per (kernel, device) and remembered: each runtime query costs about a
+// microsecond of host time, as much as a decode-step kernel runs, and a decode step launches ~200.
+
+inline void check_cuda_query(cudaError_t error, const char* what) {
+  if (error != cudaSuccess)
+    throw std::runtime_error(std::string("mistral_ext: CUDA query failed: ") + what + ": " + cudaGetErrorString(error));
+}
+
+inline int current_device() {
+  int device = 0;
+  check_cuda_query(cudaGetDevice(&device), "cudaGetDevice");
+  return device;
+}
+
+// What a launcher sizes its grid and shared memory by, for one kernel on the current device.
+struct KernelLimits {
+  int sms = 0;                      // multiprocessors
+  int64_t smem_optin_bytes = 0;     // the most shared memory a block may opt in to
+  int64_t static_smem_bytes = 0;    // the kernel's own __shared__ arrays, counted in the same limit
+  int ptx_version = 0;              // compute capability x 10 the running code was built for
+  int64_t dynamic_smem_opt_in = 0;  // dynamic shared memory the kernel has been allowed so far
+};
+
+// The remembered entry for (kernel, device); callers hold launch_query_mutex().
+inline std::mutex& launch_query_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+inline KernelLimits& kernel_limits_locked(const void* kernel, int device) {
+  static std::map<std::pair<const void*, int>, KernelLimits> known;
+  const auto found = known.find({kernel, device});
+  if (found != known.end()) return found->second;
+  KernelLimits limits;
+  int smem_optin = 0;
+  cudaFuncAttributes attributes{};
+  check_cuda_query(cudaDeviceGetAttribute(&limits.sms, cudaDevAttrMultiProcessorCount, device), "SM count");
+  check_cuda_query(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                   "shared memory per block");
+  check_cuda_query(cudaFuncGetAttributes(&attributes, kernel), "kernel attributes");
+  limits.smem_optin_bytes = smem_optin;
+  limits.static_smem_bytes = static_cast<int64_t>(attributes.sharedSizeBytes);
+  limits.ptx_version = attributes.ptxVersion;
+  return known.emplace(std::make_pair(kernel, device), limits).first->second;
+}
+
+template <typename Kernel>
+KernelLimits kernel_limits(Kernel kernel) {
+  const int device = current_device();
+  std::lock_guard<std::mutex> lock(launch_query_mutex());
+  return kernel_limits_locked(reinterpret_cast<const void*>(kernel), device);
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory on the current device: above 48 KB (with its
+// static arrays) a kernel must opt in. The allowance only ever grows, so a smaller request never
+// takes back what a remembered larger one relies on.
+template <typename Kernel>
+void allow_dynamic_shared_memory(Kernel kernel, size_t bytes) {
+  const int device = current_device();
+  std::lock_guard<std::mutex> lock(launch_query_mutex());
+  KernelLimits& limits = kernel_limits_locked(reinterpret_cast<const void*>(kernel), device);
+  const int64_t needed = static_cast<int64_t>(bytes);
+  if (needed <= limits.dynamic_smem_opt_in || limits.static_smem_bytes + needed <= 48 * 1024) return;
+  const cudaError_t error = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (error != cudaSuccess)
+    throw std::runtime_error("mistral_ext: cannot let a kernel use " + std::to_string(bytes) +
+                             " bytes of shared memory: " + cudaGetErrorString(error));
+  limits.dynamic_smem_opt_in = needed;
+}
+
+// Blocks of `kernel` that fit on one multiprocessor at once (at least 1), remembered per
+// (kernel, device, threads, dynamic shared memory).
+template <typename Kernel>
+int max_blocks_per_sm(Kernel kernel, int threads, size_t dynamic_smem_bytes) {
+  const int device = current_device();
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> known;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, threads, dynamic_smem_bytes);
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  int blocks = 0;
+  check_cuda_query(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, dynamic_smem_bytes),
+                   "occupancy");
+  return known.emplace(key, std::max(blocks, 1)).first->second;
+}
+
 // kernel<<<grid, block, smem_bytes, stream>>>(args...), allowed to overlap the previous kernel in
 // the stream (see above) when overlap_previous is set and the code the device runs was built for
 // compute capability 9.0+ (PTX for an older one, compiled on the fly for a Hopper, has no wait).
@@ -153,10 +247,7 @@ __device__ __forceinline__ void allow_next_kernel_launch() {
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, CudaStream stream,
                    bool overlap_previous, Args&&... args) {
-  if (overlap_previous) {
-    cudaFuncAttributes attributes{};
-    overlap_previous = cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.ptxVersion >= 90;
-  }
+  if (overlap_previous) overlap_previous = kernel_limits(kernel).ptx_version >= 90;
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;

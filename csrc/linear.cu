@@ -250,45 +250,28 @@ __global__ void __launch_bounds__(kThreads, MT <= 4 ? 2 : 1)
   }
 }
 
-void check_cuda(cudaError_t error, const char* what) {
-  if (error != cudaSuccess)
-    throw std::runtime_error(std::string("mistral_ext: linear: ") + what + ": " + cudaGetErrorString(error));
-}
-
 template <typename T, int W, int MT>
 void launch(const LinearParams& p, CudaStream stream) {
   constexpr int R = MT >= 8 ? 4 : MT >= 2 ? 2 : 1;
   constexpr int U = 4 / R;  // 4 to 8 weight loads of 16 bytes in flight per lane
   const auto kernel = linear_kernel<T, W, MT, R, U>;
 
-  int device = 0, sms = 0, smem_optin = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
-  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "shared memory size");
-
   // The x chunk: all of K if it fits in the shared-memory budget, else the largest multiple of
   // 32 packs (one per lane) that does. The kernel's static shared memory (inv_rms, block_sum)
   // counts against the same per-block limits as the dynamic x chunk.
-  cudaFuncAttributes attributes{};
-  check_cuda(cudaFuncGetAttributes(&attributes, kernel), "kernel attributes");
-  const int64_t static_bytes = static_cast<int64_t>(attributes.sharedSizeBytes);
+  const KernelLimits limits = kernel_limits(kernel);
   const int64_t granule = 32 * W;
-  const int64_t budget = std::min<int64_t>(kMaxSmemBytes, smem_optin - static_bytes);
+  const int64_t budget = std::min<int64_t>(kMaxSmemBytes, limits.smem_optin_bytes - limits.static_smem_bytes);
   const int64_t max_chunk = budget / (p.rows * static_cast<int64_t>(sizeof(float))) / granule * granule;
   require(max_chunk >= granule, "linear: not enough shared memory on this device for " + std::to_string(p.rows) +
                                     " rows of x (" + std::to_string(budget) + " bytes)");
   const int64_t chunk = std::min((p.in_features + granule - 1) / granule * granule, max_chunk);
   const size_t smem_bytes = static_cast<size_t>(p.rows * chunk) * sizeof(float);
-  if (static_bytes + static_cast<int64_t>(smem_bytes) > 48 * 1024)  // past the default, opt in
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)),
-               "cannot set the shared memory size");
+  allow_dynamic_shared_memory(kernel, smem_bytes);
 
-  int blocks_per_sm = 0;
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, smem_bytes),
-             "occupancy query");
   const int64_t groups = (p.out_features + kWarps * R - 1) / (kWarps * R);
-  const int64_t blocks = std::min<int64_t>(groups, static_cast<int64_t>(std::max(blocks_per_sm, 1)) * sms);
+  const int64_t blocks =
+      std::min<int64_t>(groups, static_cast<int64_t>(max_blocks_per_sm(kernel, kThreads, smem_bytes)) * limits.sms);
   LinearInput<T> in{static_cast<const T*>(p.input), p.input_row_stride, static_cast<const T*>(p.norm_weight), p.eps,
                     p.prologue, false};
   // x in packs too when its rows and the norm weight line up on them (the weight already does).

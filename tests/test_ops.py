@@ -600,6 +600,17 @@ def test_linear_cuda_long_rows(dtype, in_features):
 
 
 @requires_cuda
+def test_linear_cuda_shared_memory_sizes_in_any_order():
+    """One kernel launched with x chunks of 64 KB, 48 KB, 16 KB and back: the launcher remembers
+    how much shared memory it has let the kernel use, and a smaller launch must not lower it."""
+    for in_features in [20000, 12288, 4096, 20000, 4096, 12288]:
+        x = rand(1, in_features, dtype=torch.bfloat16, device="cuda")
+        w = rand(77, in_features, dtype=torch.bfloat16, device="cuda")
+        tol = dict(LINEAR_TOL[torch.bfloat16], atol=2e-6 * in_features)
+        torch.testing.assert_close(ops.linear(x, w), reference.linear(x, w), **tol)
+
+
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_cuda_overlapping_launches(monkeypatch, dtype):
     """MISTRAL_EXT_PDL=1: each projection may start while the kernel before it runs. Decoder MLP
