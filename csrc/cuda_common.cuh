@@ -156,8 +156,9 @@ __device__ __forceinline__ void allow_next_kernel_launch() {
 // microsecond of host time, as much as a decode-step kernel runs, and a decode step launches ~200.
 
 inline void check_cuda_query(cudaError_t error, const char* what) {
-  if (error != cudaSuccess)
-    throw std::runtime_error(std::string("mistral_ext: CUDA query failed: ") + what + ": " + cudaGetErrorString(error));
+  if (error == cudaSuccess) return;
+  cudaGetLastError();  // reported here: the next launch's check must not report it again
+  throw std::runtime_error(std::string("mistral_ext: CUDA query failed: ") + what + ": " + cudaGetErrorString(error));
 }
 
 inline int current_device() {
@@ -217,9 +218,11 @@ void allow_dynamic_shared_memory(Kernel kernel, size_t bytes) {
   if (needed <= limits.dynamic_smem_opt_in || limits.static_smem_bytes + needed <= 48 * 1024) return;
   const cudaError_t error = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  if (error != cudaSuccess)
+  if (error != cudaSuccess) {
+    cudaGetLastError();
     throw std::runtime_error("mistral_ext: cannot let a kernel use " + std::to_string(bytes) +
                              " bytes of shared memory: " + cudaGetErrorString(error));
+  }
   limits.dynamic_smem_opt_in = needed;
 }
 
