@@ -141,10 +141,15 @@ def main(argv=None) -> int:
         results["profiles"]["prefill"] = summary(f"prefill, {args.prompt_len} tokens", wall * 1e3, times, args.top,
                                                 row_kind)
         for name, graph, pdl in modes:
-            with environment_variable(PDL_FLAG, pdl):
-                generate(2, graph)  # warm-up
-                short_wall, short = profiled(lambda: generate(2, graph), device)
-                long_wall, long = profiled(lambda: generate(2 + args.steps, graph), device)
+            try:  # a mode that fails (a graph capture under the profiler, say) is reported, the rest still run
+                with environment_variable(PDL_FLAG, pdl):
+                    generate(2, graph)  # warm-up
+                    short_wall, short = profiled(lambda: generate(2, graph), device)
+                    long_wall, long = profiled(lambda: generate(2 + args.steps, graph), device)
+            except RuntimeError as error:
+                print(f"\ndecode step, {name}: failed: {error}")
+                results.setdefault("errors", {})[name] = str(error)
+                continue
             per_step = difference(long, short, args.steps)
             wall_ms = (long_wall - short_wall) / args.steps * 1e3
             results["profiles"][f"decode, {name}"] = summary(f"decode step, {name} (per step, {args.steps} steps)",
