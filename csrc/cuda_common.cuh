@@ -176,14 +176,14 @@ struct KernelLimits {
   int64_t dynamic_smem_opt_in = 0;  // dynamic shared memory the kernel has been allowed so far
 };
 
-// The remembered entry for (kernel, device); callers hold launch_query_mutex().
 inline std::mutex& launch_query_mutex() {
-  static std::mutex mutex;
+  static auto& mutex = *new std::mutex;  // like the maps it guards, never destroyed
   return mutex;
 }
 
+// The remembered entry for (kernel, device); callers hold launch_query_mutex().
 inline KernelLimits& kernel_limits_locked(const void* kernel, int device) {
-  static std::map<std::pair<const void*, int>, KernelLimits> known;
+  static auto& known = *new std::map<std::pair<const void*, int>, KernelLimits>;  // outlives static destructors
   const auto found = known.find({kernel, device});
   if (found != known.end()) return found->second;
   KernelLimits limits;
@@ -231,8 +231,8 @@ void allow_dynamic_shared_memory(Kernel kernel, size_t bytes) {
 template <typename Kernel>
 int max_blocks_per_sm(Kernel kernel, int threads, size_t dynamic_smem_bytes) {
   const int device = current_device();
-  static std::mutex mutex;
-  static std::map<std::tuple<const void*, int, int, size_t>, int> known;
+  static auto& mutex = *new std::mutex;
+  static auto& known = *new std::map<std::tuple<const void*, int, int, size_t>, int>;
   const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, threads, dynamic_smem_bytes);
   std::lock_guard<std::mutex> lock(mutex);
   const auto found = known.find(key);
@@ -246,7 +246,7 @@ int max_blocks_per_sm(Kernel kernel, int threads, size_t dynamic_smem_bytes) {
 // kernel<<<grid, block, smem_bytes, stream>>>(args...), allowed to overlap the previous kernel in
 // the stream (see above) when overlap_previous is set and the code the device runs was built for
 // compute capability 9.0+ (PTX for an older one, compiled on the fly for a Hopper, has no wait).
-// Errors surface as a launch's do: through check_launch.
+// A failed launch surfaces through check_launch; a failed query of the kernel's version throws.
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, CudaStream stream,
                    bool overlap_previous, Args&&... args) {

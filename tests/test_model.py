@@ -305,6 +305,27 @@ def test_fused_projections_survive_to_and_reloads():
     assert_close(ours(ids).logits, expected, atol=0.1, rtol=0.05)  # weights went through bf16
 
 
+def test_parametrized_projection_weights_run_unfused():
+    """A weight computed by a parametrization (not a parameter of its Linear) is noticed, and the
+    projections run separately on the weight the parametrization gives, as transformers' do."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    kwargs = config_kwargs("gqa_window5")
+    ours, hf = make_pair(kwargs, seed=32)
+    ids = random_ids((2, 11), kwargs["vocab_size"], seed=33)
+    for model in (ours, hf):
+        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        parametrize.register_parametrization(attn.k_proj, "weight", Doubled())
+        parametrize.register_parametrization(mlp.up_proj, "weight", Doubled())
+    attn, mlp = ours.model.layers[0].self_attn, ours.model.layers[0].mlp
+    assert not attn._is_fused() and not mlp._is_fused()
+    assert_close(ours(ids).logits, hf_logits(hf, ids))
+
+
 def test_fuse_copies_weights_that_are_adjacent_but_separately_allocated():
     # A caching allocator (CUDA's) can place separately allocated weights back to back; fusing
     # must not read them as rows of one storage.
