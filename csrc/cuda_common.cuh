@@ -177,7 +177,7 @@ struct KernelLimits {
 };
 
 inline std::mutex& launch_query_mutex() {
-  static auto& mutex = *new std::mutex;  // like the maps it guards, never destroyed
+  static auto& mutex = *new std::mutex;  // guards every remembered query; never destroyed, like them
   return mutex;
 }
 
@@ -231,10 +231,9 @@ void allow_dynamic_shared_memory(Kernel kernel, size_t bytes) {
 template <typename Kernel>
 int max_blocks_per_sm(Kernel kernel, int threads, size_t dynamic_smem_bytes) {
   const int device = current_device();
-  static auto& mutex = *new std::mutex;
   static auto& known = *new std::map<std::tuple<const void*, int, int, size_t>, int>;
   const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, threads, dynamic_smem_bytes);
-  std::lock_guard<std::mutex> lock(mutex);
+  std::lock_guard<std::mutex> lock(launch_query_mutex());
   const auto found = known.find(key);
   if (found != known.end()) return found->second;
   int blocks = 0;
