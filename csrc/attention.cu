@@ -11,11 +11,12 @@
 // the key span that can fall inside the CTA's windows (attention_key_span): tiles outside the
 // window or the causal range are never loaded.
 // On Hopper, prefill at head_dim 128 can take the wgmma variant of this kernel instead
-// (attention_sm90.cu, MISTRAL_EXT_SM90_ATTENTION=1 until verified on the device).
+// (attention_sm90.cu; MISTRAL_EXT_SM90_ATTENTION=0 turns it off).
 // Decode (at most 8 query rows per sequence and kv head, e.g. one new token with a GQA group of
 // 4): a kernel on CUDA cores instead, since the tensor-core kernel would pad those rows to 128;
-// it shares the tile loads and spends its time streaming K/V. With overlap_previous it and its
-// combine kernel may start while the kernel before each still runs (they wait for it first).
+// it streams K/V rows straight into registers, many loads in flight per warp. With
+// overlap_previous it and its combine kernel may start while the kernel before each still runs
+// (they wait for it first).
 // Split-KV (flash-decoding): when the grid would not fill the GPU (decode: one token per sequence),
 // each CTA takes one slice of its key span and writes a partial (output, log-sum-exp) to the
 // workspace; a combine kernel merges the slices.
@@ -249,239 +250,298 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // out[row] = sum_s 2^(lse_s - m) partial_out[s][row] / sum_s 2^(lse_s - m), m = max_s lse_s; rows
-// that no split saw (padding) get 0. grid: rows, block: head_dim threads.
+// that no split saw (padding) get 0. grid: rows, block: head_dim threads. The first warp turns the
+// log-sum-exps into weights (one load per lane and 32 splits), then every column's partial
+// outputs are loaded many at a time: the kernel costs a few round trips to L2, not one per split.
 template <typename T>
 __global__ void combine_splits_kernel(T* __restrict__ out,                      // [rows, head_dim]
                                       const float* __restrict__ partial_out,    // [num_splits, rows, head_dim]
                                       const float* __restrict__ partial_lse,    // [num_splits, rows]
                                       int num_splits, int64_t rows, int head_dim) {
+  __shared__ float weights[kMaxSplits];
+  __shared__ float weight_sum;
   allow_next_kernel_launch();
   wait_for_previous_kernel();  // the partial results
   const int64_t row = blockIdx.x;
-  float max_lse = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) max_lse = fmaxf(max_lse, partial_lse[s * rows + row]);
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float total = 0.f, acc = 0.f;
-    if (max_lse != -INFINITY) {
-      for (int s = 0; s < num_splits; ++s) {
-        const float weight = exp2_fast(partial_lse[s * rows + row] - max_lse);
-        total += weight;
-        acc += weight * partial_out[(s * rows + row) * head_dim + d];
-      }
+  if (threadIdx.x < 32) {
+    constexpr int kPerLane = kMaxSplits / 32;
+    float lse[kPerLane], max_lse = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int s = threadIdx.x + 32 * i;
+      lse[i] = s < num_splits ? partial_lse[s * rows + row] : -INFINITY;
+      max_lse = fmaxf(max_lse, lse[i]);
     }
-    out[row * head_dim + d] = from_f32<T>(total > 0.f ? acc / total : 0.f);
+    max_lse = warp_max(max_lse);
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int s = threadIdx.x + 32 * i;
+      const float weight = max_lse == -INFINITY ? 0.f : exp2_fast(lse[i] - max_lse);
+      if (s < num_splits) weights[s] = weight;
+      sum += weight;
+    }
+    sum = warp_sum(sum);
+    if (threadIdx.x == 0) weight_sum = sum;
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float acc = 0.f;
+#pragma unroll 16
+    for (int s = 0; s < num_splits; ++s) acc += weights[s] * partial_out[(s * rows + row) * head_dim + d];
+    out[row * head_dim + d] = from_f32<T>(weight_sum > 0.f ? acc / weight_sum : 0.f);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decode kernel (bf16 / fp16): a CTA of kDecodeThreads threads owns every query row of one
-// (sequence, kv head), at most kDecodeMaxRows, and the key tiles of its split, double buffered
-// through cp.async like the tensor-core kernel. Per 64-key tile:
-//   1. scores: thread t takes key t % 64 and half t / 64 of head_dim, for every row;
-//   2. online softmax: warp w updates rows w and w + 4 (their running max and sum live in its lanes);
-//   3. out += P V: thread t takes 16 bytes of a V row (8 columns) and every kKeyGroups-th key.
-// At the end the key groups' partial outputs are summed through shared memory.
+// Decode kernel (bf16 / fp16): a CTA of kDecodeWarps warps owns every query row of one (sequence,
+// kv head), at most kDecodeMaxRows, and the keys of its split. Decode reads each K/V row once and
+// does little arithmetic with it: the time is that of the reads, so the kernel keeps many of them
+// in flight and nothing else in their way.
+//  * A warp takes kSteps pairs of keys per round: each half-warp one key of a pair, each lane 8
+//    columns (16 bytes) of it.
+//  * Each lane copies its own 16-byte chunks of K and V into its own slots of shared memory with
+//    cp.async, kDecodeStages - 1 rounds ahead of the round it computes: no register holds a load
+//    in flight, and since a lane reads back only what it copied, no barrier is needed.
+//  * Scores: the lane's 8-column partial dot product with every query row (held in registers,
+//    scaled to log2 units), summed over the 16 lanes of the half-warp by shuffles, so every lane
+//    of the half holds the whole score of its key.
+//  * Online softmax per half-warp (its lanes hold the same running max and sum), once per round;
+//    then out += p V on the lane's 8 columns.
+//  * At the end the two halves merge by shuffles, the warps through shared memory.
 constexpr int kDecodeMaxRows = 8;
-constexpr int kDecodeThreads = 2 * kBlockN;
-constexpr int kDecodeWarps = kDecodeThreads / 32;
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeThreads = 32 * kDecodeWarps;
+constexpr int kDecodeStages = 3;
+constexpr int kDecodeTargetCtas = 1056;  // about 8 CTAs per SM of an H100: the last wave is a small share
 
-template <int kHeadDim>
-struct DecodeSmem {
-  static constexpr int kStride = Smem<kHeadDim>::kStride;
-  static constexpr int kTile = Smem<kHeadDim>::kTile;
-  static constexpr int kChunks = kHeadDim / 8;                  // 16-byte chunks of a row
-  static constexpr int kKeyGroups = kDecodeThreads / kChunks;   // 16, 10 or 8 (head_dim 64, 96, 128)
-  // K and V stages 0 and 1, key positions, Q (fp32), two halves of scores, per-row rescale factor,
-  // max and sum. The key groups' partial outputs reuse the K/V stages after the last tile.
-  static constexpr size_t kBytes = 4 * kTile * 2 + 2 * kBlockN * sizeof(int) +
-                                   (kDecodeMaxRows * kHeadDim + 2 * kDecodeMaxRows * kBlockN + 3 * kDecodeMaxRows) *
-                                       sizeof(float);
-  static_assert(kKeyGroups * kDecodeMaxRows * kHeadDim * sizeof(float) <= 4 * kTile * 2,
-                "the partial outputs must fit in the K/V stages");
-};
+template <int kRows>
+constexpr int decode_steps() {  // key pairs per warp and round
+  return kRows <= 4 ? 4 : 2;
+}
 
-// 8 consecutive 16-bit elements (16 bytes, aligned) as floats.
+// Dynamic shared memory: the cp.async slots ([warp][stage][K steps, V steps][lane] of 16 bytes),
+// reused at the end for the warps' partial outputs ([warp][kRows][kHeadDim] floats).
+template <int kHeadDim, int kRows>
+constexpr size_t decode_smem_bytes() {
+  const size_t slots = size_t{kDecodeWarps} * kDecodeStages * 2 * decode_steps<kRows>() * 32 * 16;
+  const size_t merge = size_t{kDecodeWarps} * kRows * kHeadDim * sizeof(float);
+  return slots > merge ? slots : merge;
+}
+
+// 8 consecutive 16-bit elements as floats.
 template <typename T>
-__device__ __forceinline__ void load8_f32(const T* src, float (&dst)[8]) {
-  const Pack<T, 8> pack = load_pack<8>(src);
+__device__ __forceinline__ void to_f32x8(const Pack<T, 8>& pack, float (&dst)[8]) {
 #pragma unroll
   for (int e = 0; e < 8; ++e) dst[e] = to_f32(pack.v[e]);
 }
 
-// grid (num_splits, num_kv_heads, batch), kDecodeThreads threads, DecodeSmem<kHeadDim>::kBytes of
-// dynamic shared memory; outputs as flash_attention_kernel's.
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kDecodeThreads)
+// grid (num_splits, num_kv_heads, batch), kDecodeThreads threads, decode_smem_bytes of dynamic
+// shared memory; kRows >= the CTA's query rows; outputs as flash_attention_kernel's.
+template <typename T, int kHeadDim, int kRows>
+__global__ void __launch_bounds__(kDecodeThreads, kRows <= 4 ? 3 : 2)
     decode_attention_kernel(const AttentionParams p, int num_splits, float* __restrict__ partial_out,
                             float* __restrict__ partial_lse) {
-  using S = DecodeSmem<kHeadDim>;
+  constexpr int kSteps = decode_steps<kRows>();
+  constexpr int kRoundKeys = kDecodeWarps * 2 * kSteps;  // keys of the CTA per round
   extern __shared__ __align__(16) unsigned char smem[];
-  T* k_tiles = reinterpret_cast<T*>(smem);                          // [2][kBlockN][kStride]
-  T* v_tiles = k_tiles + 2 * S::kTile;                              // [2][kBlockN][kStride]
-  int* key_pos = reinterpret_cast<int*>(v_tiles + 2 * S::kTile);    // [2][kBlockN]
-  float* q_rows = reinterpret_cast<float*>(key_pos + 2 * kBlockN);  // [kDecodeMaxRows][kHeadDim], log2 units
-  float* scores = q_rows + kDecodeMaxRows * kHeadDim;               // [2 halves][kDecodeMaxRows][kBlockN]
-  float* rescale = scores + 2 * kDecodeMaxRows * kBlockN;           // [kDecodeMaxRows]
-  float* row_max = rescale + kDecodeMaxRows;                        // [kDecodeMaxRows]
-  float* row_sum = row_max + kDecodeMaxRows;                        // [kDecodeMaxRows]
-  float* partials = reinterpret_cast<float*>(smem);                 // [kKeyGroups][kDecodeMaxRows][kHeadDim]
+  __shared__ float merged_max[kDecodeWarps][kRows], merged_sum[kDecodeWarps][kRows];
 
   allow_next_kernel_launch();
   wait_for_previous_kernel();  // q, k, v, the caches and cache_lens may be its output
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int half = lane / 16, col = lane % 16 * 8;
+  const bool has_columns = col < kHeadDim;  // head_dim 96: lanes 12..15 of each half hold none
+  // This lane's slot for step s (K: s, V: kSteps + s) of a stage.
+  Pack<T, 8>* slots = reinterpret_cast<Pack<T, 8>*>(smem) + warp * kDecodeStages * 2 * kSteps * 32 + lane;
+  const auto slot = [&](int stage, int i) -> Pack<T, 8>* { return slots + (stage * 2 * kSteps + i) * 32; };
+
   const int split = blockIdx.x;
   const int group = p.num_heads / p.num_kv_heads;
   const RowBlock rb{static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.y), group, p.tokens * group, 0};
-  const int rows = rb.rows_total;  // <= kDecodeMaxRows (checked by the host)
+  const int rows = rb.rows_total;  // <= kRows (chosen by the host)
   const int64_t* positions = p.positions + static_cast<int64_t>(rb.b) * p.tokens;
   const TileRange range = split_tile_range<kBlockN>(p, rb.b, 0, p.tokens - 1, num_splits, split);
+  const KeySpan& span = range.span;
+  const int key_begin = span.begin + range.begin * kBlockN + warp * 2 * kSteps;  // this warp's first key
+  const int key_end = min(span.begin + range.end * kBlockN, span.end);
+  const int rounds = key_begin < key_end ? (key_end - key_begin + kRoundKeys - 1) / kRoundKeys : 0;
+  const int64_t first_slot = p.capacity > 0 ? span.cache_start % p.capacity : 0;  // ring slot of cached key 0
 
-  if (range.begin < range.end) {
-    load_kv_tiles<T, kHeadDim, kDecodeThreads>(p, range.span, rb, range.span.begin + range.begin * kBlockN, k_tiles,
-                                               v_tiles, key_pos);
+  // Key j's position (-1: not a key) and, for its K and V rows, the cache slot or the chunk token.
+  const auto key_at = [&](int j, const T*& k_row, const T*& v_row) -> int64_t {
+    if (j >= key_end) return -1;
+    if (j < span.num_cached) {  // the ring-buffer slot without a 64-bit division per key
+      const int64_t ring = first_slot + j < p.capacity ? first_slot + j : first_slot + j - p.capacity;
+      const int64_t offset = ((static_cast<int64_t>(rb.b) * p.capacity + ring) * p.num_kv_heads + rb.kv_head) *
+                             kHeadDim;
+      k_row = static_cast<const T*>(p.k_cache) + offset;
+      v_row = static_cast<const T*>(p.v_cache) + offset;
+      return span.cache_start + j;
+    }
+    const KeyRow<T> row = key_row<T>(p, span, rb.b, rb.kv_head, j);
+    k_row = row.k, v_row = row.v;
+    return key_position(p, span, rb.b, j);
+  };
+  // Round `round`'s K and V chunks of this lane into its slots of stage round % kDecodeStages
+  // (zeros for absent keys), as one cp.async group, possibly empty.
+  const auto copy_round = [&](int round) {
+    if (round < rounds) {
+      const int stage = round % kDecodeStages;
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+        const T *k_row = static_cast<const T*>(p.k), *v_row = k_row;  // any valid address: absent keys read nothing
+        // Lanes without columns copy zeros: their share of the score sums must be 0.
+        const bool present = key_at(key_begin + round * kRoundKeys + 2 * s + half, k_row, v_row) >= 0 && has_columns;
+        cp_async_16(slot(stage, s), k_row + (present ? col : 0), present);
+        cp_async_16(slot(stage, kSteps + s), v_row + (present ? col : 0), present);
+      }
+    }
     cp_async_commit();
-  }
+  };
+#pragma unroll
+  for (int round = 0; round < kDecodeStages - 1; ++round) copy_round(round);
+
+  // The query rows: this lane's 8 columns of each, in log2 units; absent rows are -1 / zeros.
   const float scale_log2 = p.scale * kLog2e;
-  for (int i = tid; i < kDecodeMaxRows * kHeadDim; i += kDecodeThreads) {
-    const int r = i / kHeadDim, col = i % kHeadDim;
-    const bool present = r < rows && positions[rb.token(r)] >= 0;
-    q_rows[i] = present ? to_f32(static_cast<const T*>(p.q)[(static_cast<int64_t>(rb.b) * p.tokens + rb.token(r)) *
-                                                                  p.q_token_stride +
-                                                              static_cast<int64_t>(rb.head(r)) * kHeadDim + col]) *
-                              scale_log2
-                        : 0.f;
+  float q[kRows][8];
+  int query_pos[kRows], window_low[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t position = r < rows ? positions[rb.token(r)] : -1;
+    query_pos[r] = position >= 0 ? static_cast<int>(position) : -1;
+    window_low[r] = p.window > 0 ? query_pos[r] - p.window : -1;
+    Pack<T, 8> pack{};
+    if (position >= 0 && has_columns)
+      pack = load_pack<8>(static_cast<const T*>(p.q) + (static_cast<int64_t>(rb.b) * p.tokens + rb.token(r)) *
+                                                           p.q_token_stride +
+                          static_cast<int64_t>(rb.head(r)) * kHeadDim + col);
+    to_f32x8(pack, q[r]);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) q[r][e] *= scale_log2;
   }
 
-  // Running max (log2 units) and sum of rows warp + i * kDecodeWarps, the same in every lane.
-  constexpr int kRowsPerWarp = kDecodeMaxRows / kDecodeWarps;
-  float run_max[kRowsPerWarp], run_sum[kRowsPerWarp];
+  float out[kRows][8] = {}, run_max[kRows], run_sum[kRows];
 #pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) run_max[i] = -INFINITY, run_sum[i] = 0.f;
-  float acc[kDecodeMaxRows][8] = {};  // columns 8 * chunk .. + 7 of every row, this thread's keys
-  const int chunk = tid % S::kChunks, key_group = tid / S::kChunks;
-  const bool accumulates = key_group < S::kKeyGroups;
+  for (int r = 0; r < kRows; ++r) run_max[r] = -INFINITY, run_sum[r] = 0.f;
 
-  for (int tile = range.begin; tile < range.end; ++tile) {
-    const int stage = (tile - range.begin) % 2;
-    if (tile + 1 < range.end)
-      load_kv_tiles<T, kHeadDim, kDecodeThreads>(p, range.span, rb, range.span.begin + (tile + 1) * kBlockN,
-                                                 k_tiles + (1 - stage) * S::kTile, v_tiles + (1 - stage) * S::kTile,
-                                                 key_pos + (1 - stage) * kBlockN);
-    cp_async_commit();  // possibly empty: keeps "all but the newest group" meaning "this tile"
-    cp_async_wait<1>();
-    __syncthreads();
-    const T* k_tile = k_tiles + stage * S::kTile;
-    const T* v_tile = v_tiles + stage * S::kTile;
-    const int* tile_pos = key_pos + stage * kBlockN;
+  for (int round = 0; round < rounds; ++round) {
+    copy_round(round + kDecodeStages - 1);  // into the stage computed in the previous round
+    cp_async_wait<kDecodeStages - 1>();     // this round's chunks have landed
+    const int stage = round % kDecodeStages;
 
-    {  // 1. half dot products q . k of one key
-      const int key = tid % kBlockN, half = tid / kBlockN;
-      const T* k_row = k_tile + key * S::kStride + half * (kHeadDim / 2);
-      const float* q_half = q_rows + half * (kHeadDim / 2);
-      float dot[kDecodeMaxRows] = {};
+    // Scores of the half-warp's kSteps keys for every row, summed over its 16 lanes; keys outside
+    // a row's window (or absent) masked.
+    float score[kSteps][kRows];
 #pragma unroll
-      for (int c = 0; c < kHeadDim / 2; c += 8) {
-        float k[8];
-        load8_f32(k_row + c, k);
+    for (int s = 0; s < kSteps; ++s) {
+      float k[8];
+      to_f32x8(*slot(stage, s), k);
 #pragma unroll
-        for (int r = 0; r < kDecodeMaxRows; ++r) {
-          if (r >= rows) break;
-          const float4 q0 = *reinterpret_cast<const float4*>(q_half + r * kHeadDim + c);
-          const float4 q1 = *reinterpret_cast<const float4*>(q_half + r * kHeadDim + c + 4);
-          dot[r] += q0.x * k[0] + q0.y * k[1] + q0.z * k[2] + q0.w * k[3] + q1.x * k[4] + q1.y * k[5] +
-                    q1.z * k[6] + q1.w * k[7];
-        }
+      for (int r = 0; r < kRows; ++r) {
+        float dot = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot = fmaf(q[r][e], k[e], dot);
+        score[s][r] = dot;
       }
-#pragma unroll
-      for (int r = 0; r < kDecodeMaxRows; ++r)
-        if (r < rows) scores[(half * kDecodeMaxRows + r) * kBlockN + key] = dot[r];
     }
-    __syncthreads();
+#pragma unroll
+    for (int offset = 8; offset > 0; offset >>= 1)
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s)
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) score[s][r] += __shfl_xor_sync(0xffffffffu, score[s][r], offset);
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      const T *k_row, *v_row;
+      const int64_t position = key_at(key_begin + round * kRoundKeys + 2 * s + half, k_row, v_row);
+      const int key_pos = position >= 0 ? static_cast<int>(position) : kAbsentKey;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        if (!(key_pos <= query_pos[r] && key_pos > window_low[r])) score[s][r] = -INFINITY;
+    }
 
-    // 2. online softmax; P overwrites the first half of the scores.
+    // Online softmax over these keys, then out += p V.
 #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      const int r = warp + i * kDecodeWarps;
-      if (r >= rows) break;  // the same for the whole warp
-      const int64_t query = positions[rb.token(r)];
-      const int query_pos = query >= 0 ? static_cast<int>(query) : -1;
-      const int window_low = p.window > 0 ? query_pos - p.window : -1;
-      float s[2], tile_max = -INFINITY;
+    for (int r = 0; r < kRows; ++r) {
+      float round_max = -INFINITY;
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int j = lane + 32 * e;
-        const bool visible = tile_pos[j] <= query_pos && tile_pos[j] > window_low;
-        s[e] = visible ? scores[r * kBlockN + j] + scores[(kDecodeMaxRows + r) * kBlockN + j] : -INFINITY;
-        tile_max = fmaxf(tile_max, s[e]);
-      }
-      const float new_max = fmaxf(run_max[i], warp_max(tile_max));
+      for (int s = 0; s < kSteps; ++s) round_max = fmaxf(round_max, score[s][r]);
+      const float new_max = fmaxf(run_max[r], round_max);
       const float base = new_max == -INFINITY ? 0.f : new_max;  // no visible key yet: keep everything at 0
-      const float factor = exp2_fast(run_max[i] - base);
-      float tile_sum = 0.f;
+      const float factor = exp2_fast(run_max[r] - base);
+      run_max[r] = new_max;
+      run_sum[r] *= factor;
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float weight = exp2_fast(s[e] - base);
-        scores[r * kBlockN + lane + 32 * e] = weight;
-        tile_sum += weight;
-      }
-      run_sum[i] = run_sum[i] * factor + warp_sum(tile_sum);
-      run_max[i] = new_max;
-      if (lane == 0) rescale[r] = factor;
-    }
-    __syncthreads();
-
-    // 3. acc = acc * rescale + P V over this thread's keys.
-    if (accumulates) {
+      for (int e = 0; e < 8; ++e) out[r][e] *= factor;
 #pragma unroll
-      for (int r = 0; r < kDecodeMaxRows; ++r) {
-        if (r >= rows) break;
-        const float factor = rescale[r];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[r][e] *= factor;
-      }
-      for (int j = key_group; j < kBlockN; j += S::kKeyGroups) {
-        float v[8];
-        load8_f32(v_tile + j * S::kStride + chunk * 8, v);
-#pragma unroll
-        for (int r = 0; r < kDecodeMaxRows; ++r) {
-          if (r >= rows) break;
-          const float weight = scores[r * kBlockN + j];
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[r][e] += weight * v[e];
-        }
+      for (int s = 0; s < kSteps; ++s) {
+        score[s][r] = exp2_fast(score[s][r] - base);
+        run_sum[r] += score[s][r];
       }
     }
-    __syncthreads();  // everyone is done with this stage and the scores before they are refilled
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      float v[8];
+      to_f32x8(*slot(stage, kSteps + s), v);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[r][e] = fmaf(score[s][r], v[e], out[r][e]);
+    }
   }
+  cp_async_wait<0>();  // (only empty groups are left) before the slots are reused below
 
-  // Epilogue: the key groups' partial outputs summed, divided by the row's sum.
+  // The two half-warps' states merged (shuffles), then the warps' (shared memory).
 #pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    const int r = warp + i * kDecodeWarps;
-    if (r < rows && lane == 0) row_max[r] = run_max[i], row_sum[r] = run_sum[i];
+  for (int r = 0; r < kRows; ++r) {
+    const float other_max = __shfl_xor_sync(0xffffffffu, run_max[r], 16);
+    const float other_sum = __shfl_xor_sync(0xffffffffu, run_sum[r], 16);
+    const float new_max = fmaxf(run_max[r], other_max);
+    const float base = new_max == -INFINITY ? 0.f : new_max;
+    const float mine = exp2_fast(run_max[r] - base), theirs = exp2_fast(other_max - base);
+    run_sum[r] = run_sum[r] * mine + other_sum * theirs;
+    run_max[r] = new_max;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out[r][e] = out[r][e] * mine + __shfl_xor_sync(0xffffffffu, out[r][e], 16) * theirs;
   }
-  if (accumulates) {
+  float* merged_out = reinterpret_cast<float*>(smem);  // [kDecodeWarps][kRows][kHeadDim]
+  __syncthreads();  // every warp is done with its slots
+  if (half == 0 && has_columns) {
 #pragma unroll
-    for (int r = 0; r < kDecodeMaxRows; ++r) {
-      if (r >= rows) break;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) partials[(key_group * kDecodeMaxRows + r) * kHeadDim + chunk * 8 + e] = acc[r][e];
+    for (int r = 0; r < kRows; ++r) {
+      float4* dst = reinterpret_cast<float4*>(merged_out + (warp * kRows + r) * kHeadDim + col);
+      dst[0] = make_float4(out[r][0], out[r][1], out[r][2], out[r][3]);
+      dst[1] = make_float4(out[r][4], out[r][5], out[r][6], out[r][7]);
     }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) merged_max[warp][r] = run_max[r], merged_sum[warp][r] = run_sum[r];
   }
   __syncthreads();
+
   const int64_t out_rows = static_cast<int64_t>(p.batch) * p.tokens * p.num_heads;
-  for (int i = tid; i < rows * kHeadDim; i += kDecodeThreads) {
-    const int r = i / kHeadDim, col = i % kHeadDim;
-    float total = 0.f;
-    for (int g = 0; g < S::kKeyGroups; ++g) total += partials[(g * kDecodeMaxRows + r) * kHeadDim + col];
-    const float sum = row_sum[r];
+  for (int i = threadIdx.x; i < rows * kHeadDim; i += kDecodeThreads) {
+    const int r = i / kHeadDim, c = i % kHeadDim;
+    float row_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) row_max = fmaxf(row_max, merged_max[w][r]);
+    const float base = row_max == -INFINITY ? 0.f : row_max;
+    float sum = 0.f, total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      const float weight = exp2_fast(merged_max[w][r] - base);
+      sum += merged_sum[w][r] * weight;
+      total += merged_out[(w * kRows + r) * kHeadDim + c] * weight;
+    }
     const float value = sum > 0.f ? total / sum : 0.f;  // padding rows saw no key: output 0
     const int64_t out_row = (static_cast<int64_t>(rb.b) * p.tokens + rb.token(r)) * p.num_heads + rb.head(r);
     if (num_splits == 1) {
-      static_cast<T*>(p.out)[out_row * kHeadDim + col] = from_f32<T>(value);
+      static_cast<T*>(p.out)[out_row * kHeadDim + c] = from_f32<T>(value);
     } else {
-      partial_out[(split * out_rows + out_row) * kHeadDim + col] = value;
-      if (col == 0) partial_lse[split * out_rows + out_row] = sum > 0.f ? row_max[r] + log2f(sum) : -INFINITY;
+      partial_out[(split * out_rows + out_row) * kHeadDim + c] = value;
+      if (c == 0) partial_lse[split * out_rows + out_row] = sum > 0.f ? row_max + log2f(sum) : -INFINITY;
     }
   }
 }
@@ -548,15 +608,20 @@ bool use_decode_kernel(const AttentionParams& p) {
 }
 
 // Key slices per CTA, from the sizes only (the cache lengths live on the device): enough CTAs to
-// fill the GPU, each with at least kMinTilesPerSplit tiles of the longest possible span.
+// fill the GPU, each with at least kMinTilesPerSplit tiles of the longest possible span. The
+// decode kernel's CTAs are small and stream their keys: it takes about four times as many, so
+// that at large batch the last wave is a small share of the time. (One tile per split, 64 splits
+// at batch 1 over 4096 keys, measured slower: 22.4 against 16.0 us, docs/RESULTS.md.)
 int num_splits(const AttentionParams& p) {
   if (p.dtype == DType::kFloat32) return 1;
-  const int64_t ctas = (use_decode_kernel(p) ? 1 : m_blocks(p)) * p.num_kv_heads * p.batch;
-  if (ctas >= kTargetCtas) return 1;
+  const bool decode = use_decode_kernel(p);
+  const int64_t target_ctas = decode ? kDecodeTargetCtas : kTargetCtas;
+  const int64_t ctas = (decode ? 1 : m_blocks(p)) * p.num_kv_heads * p.batch;
+  if (ctas >= target_ctas) return 1;
   int64_t keys = static_cast<int64_t>(p.capacity) + p.tokens;
   if (p.window > 0 && keys > static_cast<int64_t>(p.window) + p.tokens) keys = static_cast<int64_t>(p.window) + p.tokens;
   const int64_t by_keys = (keys + kBlockN - 1) / kBlockN / kMinTilesPerSplit;
-  const int64_t by_ctas = (kTargetCtas + ctas - 1) / ctas;
+  const int64_t by_ctas = (target_ctas + ctas - 1) / ctas;
   const int64_t splits = by_keys < by_ctas ? by_keys : by_ctas;
   return static_cast<int>(splits < 1 ? 1 : splits > kMaxSplits ? kMaxSplits : splits);
 }
@@ -571,9 +636,14 @@ void launch_attention(const AttentionParams& p, int splits, CudaStream stream) {
   const dim3 grid(static_cast<unsigned>((decode ? 1 : m_blocks(p)) * splits), static_cast<unsigned>(p.num_kv_heads),
                   static_cast<unsigned>(p.batch));
   if (decode) {
-    allow_dynamic_shared_memory(decode_attention_kernel<T, kHeadDim>, DecodeSmem<kHeadDim>::kBytes);
-    launch_kernel(decode_attention_kernel<T, kHeadDim>, grid, dim3(kDecodeThreads), DecodeSmem<kHeadDim>::kBytes,
-                  stream, p.overlap_previous, p, splits, partial_out, partial_lse);
+    const bool few_rows = static_cast<int64_t>(p.tokens) * (p.num_heads / p.num_kv_heads) <= 4;
+    const auto kernel = few_rows ? decode_attention_kernel<T, kHeadDim, 4>
+                                 : decode_attention_kernel<T, kHeadDim, kDecodeMaxRows>;
+    const size_t smem_bytes =
+        few_rows ? decode_smem_bytes<kHeadDim, 4>() : decode_smem_bytes<kHeadDim, kDecodeMaxRows>();
+    allow_dynamic_shared_memory(kernel, smem_bytes);
+    launch_kernel(kernel, grid, dim3(kDecodeThreads), smem_bytes, stream, p.overlap_previous, p, splits,
+                  partial_out, partial_lse);
     check_launch("attention");
   } else if (kHeadDim == 128 && sm90_attention_enabled()) {
     launch_attention_sm90<T>(p, grid, splits, partial_out, partial_lse, stream);

@@ -266,8 +266,8 @@ __device__ __forceinline__ void store_warp_rows(const AttentionParams& p, const 
 // The Hopper prefill kernel (attention_sm90.cu): bf16 / fp16, head_dim 128, same grid, rows and
 // outputs as the tensor-core kernel of attention.cu.
 
-// Whether it can run here: built for sm_90a, current device of compute capability 9.0, and (until
-// it has been verified on such a device) MISTRAL_EXT_SM90_ATTENTION=1 in the environment.
+// Whether it runs here: built for sm_90a, current device of compute capability 9.0, and not turned
+// off with MISTRAL_EXT_SM90_ATTENTION=0 in the environment.
 bool sm90_attention_enabled();
 
 template <typename T>

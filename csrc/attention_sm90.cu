@@ -272,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 bool sm90_attention_enabled() {
 #ifdef MISTRAL_EXT_SM90A
   const char* flag = std::getenv("MISTRAL_EXT_SM90_ATTENTION");
-  if (flag == nullptr || std::strcmp(flag, "1") != 0) return false;
+  if (flag != nullptr && std::strcmp(flag, "0") == 0) return false;  // opted out
   int device = 0, major = 0, minor = 0;
   return cudaGetDevice(&device) == cudaSuccess &&
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&

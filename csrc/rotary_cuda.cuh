@@ -53,8 +53,10 @@ __device__ __forceinline__ void rope_rotate_token(T* q,       // [num_heads, hea
     for (int j = 0; j < W; ++j) {
       const float x1 = to_f32(lo.v[j]);
       const float x2 = to_f32(hi.v[j]);
-      lo_out.v[j] = from_f32<T>(x1 * cos_s[i + j] - x2 * sin_s[i + j]);
-      hi_out.v[j] = from_f32<T>(x2 * cos_s[i + j] + x1 * sin_s[i + j]);
+      // Each product rounded on its own (no fused multiply-add the compiler may or may not
+      // form in one kernel and not the other): both rotary kernels give the same bits.
+      lo_out.v[j] = from_f32<T>(__fsub_rn(__fmul_rn(x1, cos_s[i + j]), __fmul_rn(x2, sin_s[i + j])));
+      hi_out.v[j] = from_f32<T>(__fadd_rn(__fmul_rn(x2, cos_s[i + j]), __fmul_rn(x1, sin_s[i + j])));
     }
     store_pack<W>(x + i, lo_out);
     store_pack<W>(x + half + i, hi_out);

@@ -216,7 +216,8 @@ def run(args) -> Dict:
     figures = [time_workload("ours", ours, device, ours.config.vocab_size, args, _greedy_fixed_length(ours))]
     if device.type == "cuda":
         # The decode step as one CUDA graph; then also with its kernels launched to overlap the
-        # kernel before each (MISTRAL_EXT_PDL=1, opt-in until measured).
+        # kernel before each (MISTRAL_EXT_PDL=1, opt-in: the caller vouches that no weight is
+        # being written while it is read).
         for name, pdl in (("ours, CUDA graph", "0"), ("ours, CUDA graph + PDL", "1")):
             try:
                 with environment_variable(PDL_FLAG, pdl):

@@ -9,7 +9,9 @@ On CUDA, Mistral-7B shapes (32 query heads, 8 kv heads, head_dim 128, window 409
     for SDPA the causal pairs it computes); on an sm_90 GPU both of our prefill kernels (mma.sync,
     and wgmma), each first checked against FlexAttention's output;
   * decode, one query per sequence over a full 4096-entry ring buffer, batch 1, 16 and 64: ours vs
-    SDPA; microseconds and TB/s of K/V read.
+    SDPA; microseconds and TB/s of K/V read. A decode call takes less GPU time than a Python call
+    takes to launch it, so each figure is the GPU time per call of 100 calls replayed as one CUDA
+    graph (as a model's decode step runs them), for both.
 Times are medians of CUDA-event timings. Without a GPU it says so and runs a small CPU
 comparison (ours vs SDPA, SmolLM2-135M attention shapes) instead.
 """
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from . import ops
 
 HEADS, KV_HEADS, HEAD_DIM, WINDOW = 32, 8, 128, 4096
-SM90_FLAG = "MISTRAL_EXT_SM90_ATTENTION"  # 1: the Hopper (wgmma) prefill kernel, opt-in until verified
+SM90_FLAG = "MISTRAL_EXT_SM90_ATTENTION"  # 0: not the Hopper (wgmma) prefill kernel, the default on sm_90
 
 
 @dataclass
@@ -62,6 +64,20 @@ def time_cuda(fn: Callable[[], object], repeats: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return statistics.median(times)
+
+
+def time_cuda_graph(fn: Callable[[], object], repeats: int, calls: int = 100) -> float:
+    """Median GPU seconds per fn() call, of `calls` calls captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside the capture
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return time_cuda(graph.replay, repeats) / calls
 
 
 def time_cpu(fn: Callable[[], object], repeats: int) -> float:
@@ -157,12 +173,13 @@ def decode_row(batch: int, repeats: int) -> Row:
     v_cache = torch.randn_like(k_cache)
     positions = torch.full((batch, 1), written, device=device, dtype=torch.int64)
     cache_lens = torch.full((batch,), written, device=device, dtype=torch.int32)
-    ours = time_cuda(lambda: ops.attention(q, k, v, k_cache, v_cache, positions, cache_lens, WINDOW, scale), repeats)
+    ours = time_cuda_graph(lambda: ops.attention(q, k, v, k_cache, v_cache, positions, cache_lens, WINDOW, scale),
+                           repeats)
 
     qt = q.transpose(1, 2).contiguous()                                    # [batch, heads, 1, d]
     kt = torch.randn(batch, KV_HEADS, WINDOW, HEAD_DIM, device=device, dtype=dtype)
     vt = torch.randn_like(kt)
-    sdpa = time_cuda(lambda: F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=True), repeats)
+    sdpa = time_cuda_graph(lambda: F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=True), repeats)
     kv_bytes = 2 * batch * WINDOW * KV_HEADS * HEAD_DIM * k_cache.element_size()
     return Row(f"decode batch {batch}", "SDPA", ours * 1e6, sdpa * 1e6, "us", kv_bytes / ours / 1e12,
                kv_bytes / sdpa / 1e12, "TB/s K/V")

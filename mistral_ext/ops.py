@@ -58,7 +58,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, residual: Optional[torch.Te
 
     x [..., K], weight [N, K] contiguous, same dtype and device. Few rows of x (decode) run our
     bandwidth-bound kernel; more rows go to torch's GEMM. "Few" is where ours measured faster:
-    on CPU up to 16 rows in fp32 and 4 in bf16/fp16, on CUDA one row.
+    on CPU up to 16 rows in fp32 and 4 in bf16/fp16, on CUDA one row. torch's GEMM follows
+    torch's precision settings: by default cuBLAS may reduce fp16 / bf16 partial sums in 16 bits
+    (torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction and its bf16 twin).
 
     The decoder's steps around a projection come fused (one kernel at decode, the formulas
     and roundings of the separate ops): norm_weight [K] first applies

@@ -40,8 +40,8 @@ struct CudaBackend {
   }
   // MISTRAL_EXT_PDL=1 at run time: the decode step's kernels may start while the kernel before
   // them finishes ("Overlapping launches" in kernels.h); the linear op's weight must then not be
-  // written by a kernel in flight, as a model's is not. Opt-in until its first GPU run is
-  // recorded in docs/RESULTS.md.
+  // written by a kernel in flight, as a model's is not; that is the caller's promise, hence
+  // opt-in (measured 2-3% per decode token, docs/RESULTS.md).
   static bool overlap_launches() {
     const char* flag = std::getenv("MISTRAL_EXT_PDL");
     return flag != nullptr && std::strcmp(flag, "1") == 0;

@@ -344,7 +344,7 @@ def launched_kernels(fn):
     (32, 8, 30, [30, 0], [0, 9], 32, 32, torch.bfloat16),                # a row of padding only
 ])
 def test_cuda_sm90_prefill(monkeypatch, heads, kv_heads, tokens, lengths, cached, capacity, window, dtype):
-    monkeypatch.setenv("MISTRAL_EXT_SM90_ATTENTION", "1")
+    monkeypatch.delenv("MISTRAL_EXT_SM90_ATTENTION", raising=False)  # the default on Hopper
     torch.manual_seed(tokens + capacity)
     case = Case(heads, kv_heads, 128, tokens=tokens, lengths=lengths, cached=cached, capacity=capacity,
                 dtype=dtype, device="cuda")
@@ -354,11 +354,14 @@ def test_cuda_sm90_prefill(monkeypatch, heads, kv_heads, tokens, lengths, cached
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a compute capability 9.0 GPU")
-def test_cuda_sm90_kernel_is_opt_in(monkeypatch):
-    monkeypatch.delenv("MISTRAL_EXT_SM90_ATTENTION", raising=False)
+def test_cuda_sm90_kernel_can_be_turned_off(monkeypatch):
+    """MISTRAL_EXT_SM90_ATTENTION=0: prefill takes the mma.sync kernel, with the same results."""
+    monkeypatch.setenv("MISTRAL_EXT_SM90_ATTENTION", "0")
+    torch.manual_seed(3)
     case = Case(32, 8, 128, tokens=64, lengths=[64], dtype=torch.bfloat16, device="cuda")
+    check_against_reference(case, None)
     kernels = launched_kernels(lambda: ops.attention(*case.args(None)))
-    assert not any("sm90" in name for name in kernels), kernels
+    assert not any("sm90" in name for name in kernels) and any("flash_attention_kernel" in n for n in kernels), kernels
 
 
 # --- bad input ----------------------------------------------------------------------------------

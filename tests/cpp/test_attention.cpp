@@ -214,15 +214,17 @@ int main() {
     expect_invalid("cuda head_dim 80", [&] { attention_cuda(p, nullptr); });
   }
   if (cuda_device_present()) {
-    test_cuda_against_cpu("");
-    // On a compute capability 9.0 device, again with the opt-in Hopper prefill kernel.
+    // On a compute capability 9.0 device prefill takes the Hopper kernel unless turned off: then
+    // both kernels are tested.
     int major = 0, minor = 0;
     check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "cudaDeviceGetAttribute");
     check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0), "cudaDeviceGetAttribute");
-    if (major == 9 && minor == 0) {
-      setenv("MISTRAL_EXT_SM90_ATTENTION", "1", 1);
-      test_cuda_against_cpu("(sm90) ");
+    const bool hopper = major == 9 && minor == 0;
+    if (hopper) setenv("MISTRAL_EXT_SM90_ATTENTION", "0", 1);
+    test_cuda_against_cpu("");
+    if (hopper) {
       unsetenv("MISTRAL_EXT_SM90_ATTENTION");
+      test_cuda_against_cpu("(sm90) ");
     }
   } else
     std::printf("SKIP attention_cuda against attention_cpu: no CUDA device\n");
