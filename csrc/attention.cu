@@ -10,13 +10,13 @@
 // shared memory with cp.async, double buffered (the next tile loads while this one is used), over
 // the key span that can fall inside the CTA's windows (attention_key_span): tiles outside the
 // window or the causal range are never loaded.
-// On Hopper, prefill at head_dim 128 can take the wgmma variant of this kernel instead
+// On Hopper, prefill at head_dim 128 takes the wgmma variant of this kernel instead
 // (attention_sm90.cu; MISTRAL_EXT_SM90_ATTENTION=0 turns it off).
 // Decode (at most 8 query rows per sequence and kv head, e.g. one new token with a GQA group of
 // 4): a kernel on CUDA cores instead, since the tensor-core kernel would pad those rows to 128;
-// it streams K/V rows straight into registers, many loads in flight per warp. With
-// overlap_previous it and its combine kernel may start while the kernel before each still runs
-// (they wait for it first).
+// each lane stages its own K/V chunks through shared memory with cp.async, rounds ahead of its
+// arithmetic and with no barrier in the key loop. With overlap_previous it and its combine kernel
+// may start while the kernel before each still runs (they wait for it first).
 // Split-KV (flash-decoding): when the grid would not fill the GPU (decode: one token per sequence),
 // each CTA takes one slice of its key span and writes a partial (output, log-sum-exp) to the
 // workspace; a combine kernel merges the slices.
@@ -316,7 +316,7 @@ constexpr int kDecodeStages = 3;
 constexpr int kDecodeTargetCtas = 1056;  // about 8 CTAs per SM of an H100: the last wave is a small share
 
 template <int kRows>
-constexpr int decode_steps() {  // key pairs per warp and round
+__host__ __device__ constexpr int decode_steps() {  // key pairs per warp and round
   return kRows <= 4 ? 4 : 2;
 }
 
@@ -351,7 +351,7 @@ __global__ void __launch_bounds__(kDecodeThreads, kRows <= 4 ? 3 : 2)
   wait_for_previous_kernel();  // q, k, v, the caches and cache_lens may be its output
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int half = lane / 16, col = lane % 16 * 8;
-  const bool has_columns = col < kHeadDim;  // head_dim 96: lanes 12..15 of each half hold none
+  const bool has_columns = col < kHeadDim;  // lanes 8..15 (head_dim 64) or 12..15 (96) of each half hold none
   // This lane's slot for step s (K: s, V: kSteps + s) of a stage.
   Pack<T, 8>* slots = reinterpret_cast<Pack<T, 8>*>(smem) + warp * kDecodeStages * 2 * kSteps * 32 + lane;
   const auto slot = [&](int stage, int i) -> Pack<T, 8>* { return slots + (stage * 2 * kSteps + i) * 32; };

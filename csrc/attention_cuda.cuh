@@ -25,16 +25,19 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
 }
 
 // 16-byte global -> shared copy, cached in L2 only. present = false writes 16 zero bytes and reads
-// nothing (src-size 0), so empty rows never produce NaN through 0 * garbage.
+// nothing (src-size 0), so empty rows never produce NaN through 0 * garbage. The "memory" clobbers
+// keep the compiler from moving shared-memory reads and writes across the copies and the waits
+// (the decode kernel has no barrier between a wait and its reads).
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool present) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(smem)), "l"(gmem),
-               "r"(present ? 16 : 0));
+               "r"(present ? 16 : 0)
+               : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Waits until at most `kPending` of this thread's most recent groups are still in flight.
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 // Two floats rounded to T and packed into one register, lo in the low half.
