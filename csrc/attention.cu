@@ -602,9 +602,21 @@ int64_t m_blocks(const AttentionParams& p) {
   return (static_cast<int64_t>(p.tokens) * (p.num_heads / p.num_kv_heads) + kBlockM - 1) / kBlockM;
 }
 
-// Whether the CUDA-core decode kernel takes the call (else the tensor-core kernel).
-bool use_decode_kernel(const AttentionParams& p) {
-  return static_cast<int64_t>(p.tokens) * (p.num_heads / p.num_kv_heads) <= kDecodeMaxRows;
+// Query rows per (sequence, kv head); the CUDA-core decode kernel takes the call when they are
+// few (else the tensor-core kernel).
+int64_t decode_rows(const AttentionParams& p) {
+  return static_cast<int64_t>(p.tokens) * (p.num_heads / p.num_kv_heads);
+}
+bool use_decode_kernel(const AttentionParams& p) { return decode_rows(p) <= kDecodeMaxRows; }
+
+template <typename T, int kHeadDim, int kRows>
+void launch_decode(const AttentionParams& p, dim3 grid, int splits, float* partial_out, float* partial_lse,
+                   CudaStream stream) {
+  const auto kernel = decode_attention_kernel<T, kHeadDim, kRows>;
+  constexpr size_t kSmemBytes = decode_smem_bytes<kHeadDim, kRows>();
+  allow_dynamic_shared_memory(kernel, kSmemBytes);
+  launch_kernel(kernel, grid, dim3(kDecodeThreads), kSmemBytes, stream, p.overlap_previous, p, splits, partial_out,
+                partial_lse);
 }
 
 // Key slices per CTA, from the sizes only (the cache lengths live on the device): enough CTAs to
@@ -636,14 +648,10 @@ void launch_attention(const AttentionParams& p, int splits, CudaStream stream) {
   const dim3 grid(static_cast<unsigned>((decode ? 1 : m_blocks(p)) * splits), static_cast<unsigned>(p.num_kv_heads),
                   static_cast<unsigned>(p.batch));
   if (decode) {
-    const bool few_rows = static_cast<int64_t>(p.tokens) * (p.num_heads / p.num_kv_heads) <= 4;
-    const auto kernel = few_rows ? decode_attention_kernel<T, kHeadDim, 4>
-                                 : decode_attention_kernel<T, kHeadDim, kDecodeMaxRows>;
-    const size_t smem_bytes =
-        few_rows ? decode_smem_bytes<kHeadDim, 4>() : decode_smem_bytes<kHeadDim, kDecodeMaxRows>();
-    allow_dynamic_shared_memory(kernel, smem_bytes);
-    launch_kernel(kernel, grid, dim3(kDecodeThreads), smem_bytes, stream, p.overlap_previous, p, splits,
-                  partial_out, partial_lse);
+    if (decode_rows(p) <= 4)
+      launch_decode<T, kHeadDim, 4>(p, grid, splits, partial_out, partial_lse, stream);
+    else
+      launch_decode<T, kHeadDim, kDecodeMaxRows>(p, grid, splits, partial_out, partial_lse, stream);
     check_launch("attention");
   } else if (kHeadDim == 128 && sm90_attention_enabled()) {
     launch_attention_sm90<T>(p, grid, splits, partial_out, partial_lse, stream);

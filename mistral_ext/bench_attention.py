@@ -66,18 +66,25 @@ def time_cuda(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_cuda_graph(fn: Callable[[], object], repeats: int, calls: int = 100) -> float:
-    """Median GPU seconds per fn() call, of `calls` calls captured in one CUDA graph."""
+def graphed(fn: Callable[[], object], calls: int = 1) -> Callable[[], None]:
+    """`calls` calls of fn captured as one CUDA graph: its replay launches the kernels with no host
+    work between them. The warm-up call (cuBLAS handles, workspaces) runs on a side stream outside
+    the capture, as torch advises."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
-        fn()  # warm-up outside the capture
+        fn()
         with torch.cuda.graph(graph, stream=stream):
             for _ in range(calls):
                 fn()
     torch.cuda.current_stream().wait_stream(stream)
-    return time_cuda(graph.replay, repeats) / calls
+    return graph.replay
+
+
+def time_cuda_graph(fn: Callable[[], object], repeats: int, calls: int = 100) -> float:
+    """Median GPU seconds per fn() call, of `calls` calls replayed as one CUDA graph."""
+    return time_cuda(graphed(fn, calls), repeats) / calls
 
 
 def time_cpu(fn: Callable[[], object], repeats: int) -> float:

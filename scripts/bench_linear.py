@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from mistral_ext import ops
 from mistral_ext.bench import PDL_FLAG
-from mistral_ext.bench_attention import environment_variable, time_cpu, time_cuda
+from mistral_ext.bench_attention import environment_variable, graphed, time_cpu, time_cuda
 
 # name, layers, per-layer (projection, out_features, in_features), the LM head (fused q|k|v and
 # gate|up projections, as the model runs them).
@@ -47,15 +47,6 @@ def cycle(linear, pairs):
         for x, w in pairs:
             linear(x, w)
     return run
-
-
-def graphed(fn):
-    """fn captured as a CUDA graph: its replay launches the kernels with no host work between them."""
-    fn()  # warm-up (cuBLAS handles, workspaces) outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def compare(label: str, pairs, device: str, repeats: int, capture=None) -> None:
