@@ -598,16 +598,15 @@ __global__ void __launch_bounds__(32 * kFp32WarpsPerBlock) attention_fp32_kernel
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-int64_t m_blocks(const AttentionParams& p) {
-  return (static_cast<int64_t>(p.tokens) * (p.num_heads / p.num_kv_heads) + kBlockM - 1) / kBlockM;
-}
-
-// Query rows per (sequence, kv head); the CUDA-core decode kernel takes the call when they are
-// few (else the tensor-core kernel).
-int64_t decode_rows(const AttentionParams& p) {
+// Query rows per (sequence, kv head): the (token, head) pairs of its group.
+int64_t rows_per_kv_head(const AttentionParams& p) {
   return static_cast<int64_t>(p.tokens) * (p.num_heads / p.num_kv_heads);
 }
-bool use_decode_kernel(const AttentionParams& p) { return decode_rows(p) <= kDecodeMaxRows; }
+
+int64_t m_blocks(const AttentionParams& p) { return (rows_per_kv_head(p) + kBlockM - 1) / kBlockM; }
+
+// Whether the CUDA-core decode kernel takes the call (else the tensor-core kernel).
+bool use_decode_kernel(const AttentionParams& p) { return rows_per_kv_head(p) <= kDecodeMaxRows; }
 
 template <typename T, int kHeadDim, int kRows>
 void launch_decode(const AttentionParams& p, dim3 grid, int splits, float* partial_out, float* partial_lse,
@@ -648,7 +647,7 @@ void launch_attention(const AttentionParams& p, int splits, CudaStream stream) {
   const dim3 grid(static_cast<unsigned>((decode ? 1 : m_blocks(p)) * splits), static_cast<unsigned>(p.num_kv_heads),
                   static_cast<unsigned>(p.batch));
   if (decode) {
-    if (decode_rows(p) <= 4)
+    if (rows_per_kv_head(p) <= 4)
       launch_decode<T, kHeadDim, 4>(p, grid, splits, partial_out, partial_lse, stream);
     else
       launch_decode<T, kHeadDim, kDecodeMaxRows>(p, grid, splits, partial_out, partial_lse, stream);
