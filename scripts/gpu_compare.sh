@@ -39,14 +39,11 @@ build "$this" this
 this_status=$?
 wait "$base_pid"
 base_status=$?
-for label in base this; do
-  status_var=${label}_status
-  if [[ ${!status_var} -ne 0 ]]; then
-    echo "=== build of $label FAILED"
-    tail -n 30 "$RESULTS_DIR/build-$label.log"
-    exit 1
-  fi
-done
+if [[ $base_status -ne 0 || $this_status -ne 0 ]]; then
+  echo "=== build FAILED (base: exit $base_status, this: exit $this_status)"
+  tail -n 30 "$RESULTS_DIR/build-base.log" "$RESULTS_DIR/build-this.log"
+  exit 1
+fi
 
 status=0
 for k in "${!commands[@]}"; do
