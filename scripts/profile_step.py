@@ -11,7 +11,11 @@ Modes on CUDA: eager, the decode step as a CUDA graph, and the graph with its ke
 overlap the one before (MISTRAL_EXT_PDL=1); on CPU: eager. For each it prints the wall time, the
 device time summed over kernels (less than the wall time when the host paces the device; with
 overlapping launches kernels may also overlap each other), the time per kernel family and the
-kernels that take the most. On CPU the rows are operators' own CPU time instead of kernels. The
+kernels that take the most. On CUDA each family also gets the time it adds to the run: kernels
+taken in the order they end, each adds how much later it ends than every kernel before it (gaps
+where the device waits for the host included). These add up to the device's busy span; with
+overlapping launches a kernel's own time starts when it is launched early, so only this column
+says what e.g. attention costs the step beyond the projections around it. On CPU the rows are operators' own CPU time instead of kernels. The
 profiler adds host time to every operator, so eager wall times are longer here than in `bench`.
 
     PYTHONPATH=. python scripts/profile_step.py [--device cuda|cpu] [--prompt-len 512] [--steps 32]
@@ -66,8 +70,25 @@ def device_times(prof, device: torch.device) -> dict:
     return times
 
 
+def added_times(events) -> dict:
+    """{name: (calls, microseconds)}: how much later each kernel ends than every kernel that ends
+    before it (the first one: than the earliest start), summed per name; the total is the span
+    from the first kernel's start to the last one's end."""
+    kernels = sorted((event for event in events if event.device_type == DeviceType.CUDA),
+                     key=lambda event: event.time_range.end)
+    times = {}
+    latest_end = min((event.time_range.start for event in kernels), default=0)
+    for event in kernels:
+        added = max(event.time_range.end - latest_end, 0)
+        latest_end = max(latest_end, event.time_range.end)
+        calls, micros = times.get(event.name, (0, 0.0))
+        times[event.name] = (calls + 1, micros + added)
+    return times
+
+
 def profiled(fn, device: torch.device):
-    """(seconds of wall time, {name: (calls, microseconds)}) of one call of fn."""
+    """(seconds of wall time, {name: (calls, microseconds)}, {name: (calls, microseconds added)}) of
+    one call of fn; the last is empty on CPU."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
@@ -75,7 +96,7 @@ def profiled(fn, device: torch.device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - start
-    return wall, device_times(prof, device)
+    return wall, device_times(prof, device), added_times(prof.events()) if device.type == "cuda" else {}
 
 
 def difference(longer: dict, shorter: dict, times: int) -> dict:
@@ -88,22 +109,31 @@ def difference(longer: dict, shorter: dict, times: int) -> dict:
     return out
 
 
-def summary(label: str, wall_ms: float, times: dict, top: int, row_kind: str) -> dict:
-    total_us = sum(micros for _, micros in times.values())
-    by_family = defaultdict(float)
+def by_family(times: dict) -> dict:
+    families = defaultdict(float)
     for name, (_, micros) in times.items():
-        by_family[family(name)] += micros
+        families[family(name)] += micros
+    return families
+
+
+def summary(label: str, wall_ms: float, times: dict, added: dict, top: int, row_kind: str) -> dict:
+    total_us = sum(micros for _, micros in times.values())
+    families, families_added = by_family(times), by_family(added)
     print(f"\n{label}: wall {wall_ms:.3f} ms, summed device time {total_us / 1e3:.3f} ms "
           f"({100 * total_us / 1e3 / wall_ms:.0f}% of wall)")
-    for name, micros in sorted(by_family.items(), key=lambda item: -item[1]):
+    if added:
+        print(f"  {'':28} {'kernel time':>12} {'':7} {'adds to the run':>15}")
+    for name, micros in sorted(families.items(), key=lambda item: -item[1]):
         if micros > 0:
-            print(f"  {name:28} {micros / 1e3:9.3f} ms {100 * micros / max(total_us, 1e-9):6.1f}%")
+            extra = f" {families_added.get(name, 0.0) / 1e3:12.3f} ms" if added else ""
+            print(f"  {name:28} {micros / 1e3:9.3f} ms {100 * micros / max(total_us, 1e-9):6.1f}%{extra}")
     print(f"  {'calls':>8} {'µs':>10}  {row_kind}")
     ranked = sorted(times.items(), key=lambda item: -item[1][1])
     for name, (calls, micros) in ranked[:top]:
         print(f"  {calls:8.1f} {micros:10.1f}  {name[:110]}")
     return {"wall_ms": wall_ms, "device_ms": total_us / 1e3,
-            "families_ms": {k: v / 1e3 for k, v in by_family.items()},
+            "families_ms": {k: v / 1e3 for k, v in families.items()},
+            "families_added_ms": {k: v / 1e3 for k, v in families_added.items()},
             "kernels": {name: {"calls": calls, "us": micros} for name, (calls, micros) in ranked}}
 
 
@@ -139,23 +169,24 @@ def main(argv=None) -> int:
                "prompt_len": args.prompt_len, "steps": args.steps, "profiles": {}}
     with torch.inference_mode():
         model(input_ids=prompt, use_cache=True, logits_to_keep=1)  # warm-up: kernels, allocator, cuBLAS
-        wall, times = profiled(lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1), device)
-        results["profiles"]["prefill"] = summary(f"prefill, {args.prompt_len} tokens", wall * 1e3, times, args.top,
-                                                row_kind)
+        wall, times, added = profiled(lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1), device)
+        results["profiles"]["prefill"] = summary(f"prefill, {args.prompt_len} tokens", wall * 1e3, times, added,
+                                                args.top, row_kind)
         for name, graph, pdl in modes:
             try:  # a mode that fails (a graph capture under the profiler, say) is reported, the rest still run
                 with environment_variable(PDL_FLAG, pdl):
                     generate(2 + args.steps, graph)  # warm-up, the larger cache included
-                    short_wall, short = profiled(lambda: generate(2, graph), device)
-                    long_wall, long = profiled(lambda: generate(2 + args.steps, graph), device)
+                    short_wall, short, short_added = profiled(lambda: generate(2, graph), device)
+                    long_wall, long, long_added = profiled(lambda: generate(2 + args.steps, graph), device)
             except RuntimeError as error:
                 print(f"\ndecode step, {name}: failed: {error}")
                 results.setdefault("errors", {})[name] = str(error)
                 continue
             per_step = difference(long, short, args.steps)
+            added_per_step = difference(long_added, short_added, args.steps)
             wall_ms = (long_wall - short_wall) / args.steps * 1e3
             results["profiles"][f"decode, {name}"] = summary(f"decode step, {name} (per step, {args.steps} steps)",
-                                                             wall_ms, per_step, args.top, row_kind)
+                                                             wall_ms, per_step, added_per_step, args.top, row_kind)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
