@@ -170,24 +170,28 @@ def prefill_rows(seq: int, repeats: int) -> List[Row]:
     return rows
 
 
+def decode_call(batch: int, written: int):
+    """(our decode attention call, its q): one query per sequence, bf16, `written` tokens already
+    through a WINDOW-slot ring buffer (more than WINDOW: full and wrapped)."""
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+    q, k, v = randn(batch, 1, HEADS, HEAD_DIM), randn(batch, 1, KV_HEADS, HEAD_DIM), randn(batch, 1, KV_HEADS, HEAD_DIM)
+    k_cache, v_cache = randn(batch, WINDOW, KV_HEADS, HEAD_DIM), randn(batch, WINDOW, KV_HEADS, HEAD_DIM)
+    positions = torch.full((batch, 1), written, device="cuda", dtype=torch.int64)
+    cache_lens = torch.full((batch,), written, device="cuda", dtype=torch.int32)
+    return lambda: ops.attention(q, k, v, k_cache, v_cache, positions, cache_lens, WINDOW, HEAD_DIM ** -0.5), q
+
+
 def decode_row(batch: int, repeats: int) -> Row:
-    device, dtype, scale = "cuda", torch.bfloat16, HEAD_DIM ** -0.5
-    written = 2 * WINDOW  # a long generation: the ring buffer is full and has wrapped
-    q = torch.randn(batch, 1, HEADS, HEAD_DIM, device=device, dtype=dtype)
-    k = torch.randn(batch, 1, KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
-    v = torch.randn(batch, 1, KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
-    k_cache = torch.randn(batch, WINDOW, KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
-    v_cache = torch.randn_like(k_cache)
-    positions = torch.full((batch, 1), written, device=device, dtype=torch.int64)
-    cache_lens = torch.full((batch,), written, device=device, dtype=torch.int32)
-    ours = time_cuda_graph(lambda: ops.attention(q, k, v, k_cache, v_cache, positions, cache_lens, WINDOW, scale),
-                           repeats)
+    call, q = decode_call(batch, 2 * WINDOW)  # a long generation: the ring buffer is full and has wrapped
+    ours = time_cuda_graph(call, repeats)
 
     qt = q.transpose(1, 2).contiguous()                                    # [batch, heads, 1, d]
-    kt = torch.randn(batch, KV_HEADS, WINDOW, HEAD_DIM, device=device, dtype=dtype)
+    kt = torch.randn(batch, KV_HEADS, WINDOW, HEAD_DIM, device="cuda", dtype=q.dtype)
     vt = torch.randn_like(kt)
-    sdpa = time_cuda_graph(lambda: F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=True), repeats)
-    kv_bytes = 2 * batch * WINDOW * KV_HEADS * HEAD_DIM * k_cache.element_size()
+    sdpa = time_cuda_graph(lambda: F.scaled_dot_product_attention(qt, kt, vt, scale=HEAD_DIM ** -0.5, enable_gqa=True),
+                           repeats)
+    kv_bytes = 2 * batch * WINDOW * KV_HEADS * HEAD_DIM * q.element_size()
     return Row(f"decode batch {batch}", "SDPA", ours * 1e6, sdpa * 1e6, "us", kv_bytes / ours / 1e12,
                kv_bytes / sdpa / 1e12, "TB/s K/V")
 

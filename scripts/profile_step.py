@@ -15,8 +15,9 @@ kernels that take the most. On CUDA each family also gets the time it adds to th
 taken in the order they end, each adds how much later it ends than every kernel before it (gaps
 where the device waits for the host included). These add up to the device's busy span; with
 overlapping launches a kernel's own time starts when it is launched early, so only this column
-says what e.g. attention costs the step beyond the projections around it. On CPU the rows are operators' own CPU time instead of kernels. The
-profiler adds host time to every operator, so eager wall times are longer here than in `bench`.
+says what e.g. attention costs the step beyond the projections around it. On CPU the rows are
+operators' own CPU time instead of kernels. The profiler adds host time to every operator, so
+eager wall times are longer here than in `bench`.
 
     PYTHONPATH=. python scripts/profile_step.py [--device cuda|cpu] [--prompt-len 512] [--steps 32]
         [--top 12] [--json FILE]

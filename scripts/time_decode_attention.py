@@ -10,18 +10,7 @@ kernels take to run), with the K/V bytes read per second.
 """
 import torch
 
-from mistral_ext import ops
-from mistral_ext.bench_attention import HEAD_DIM, HEADS, KV_HEADS, WINDOW, time_cuda_graph
-
-
-def decode_call(batch: int, written: int):
-    def randn(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-    q, k, v = randn(batch, 1, HEADS, HEAD_DIM), randn(batch, 1, KV_HEADS, HEAD_DIM), randn(batch, 1, KV_HEADS, HEAD_DIM)
-    k_cache, v_cache = randn(batch, WINDOW, KV_HEADS, HEAD_DIM), randn(batch, WINDOW, KV_HEADS, HEAD_DIM)
-    positions = torch.full((batch, 1), written, device="cuda", dtype=torch.int64)
-    cache_lens = torch.full((batch,), written, device="cuda", dtype=torch.int32)
-    return lambda: ops.attention(q, k, v, k_cache, v_cache, positions, cache_lens, WINDOW, HEAD_DIM ** -0.5)
+from mistral_ext.bench_attention import HEAD_DIM, KV_HEADS, WINDOW, decode_call, time_cuda_graph
 
 
 def main() -> int:
@@ -30,7 +19,7 @@ def main() -> int:
         return 1
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
     for batch, written in ((1, 2 * WINDOW), (64, 2 * WINDOW), (1, 700)):
-        seconds = time_cuda_graph(decode_call(batch, written), repeats=5, calls=200)
+        seconds = time_cuda_graph(decode_call(batch, written)[0], repeats=5, calls=200)
         kv_bytes = 2 * batch * min(written, WINDOW) * KV_HEADS * HEAD_DIM * 2
         print(f"batch {batch:>2}, {min(written, WINDOW):>4} keys: {seconds * 1e6:8.2f} us/call, "
               f"{kv_bytes / seconds / 1e12:.2f} TB/s K/V")
