@@ -88,8 +88,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def check_fits(config: MistralConfig, dtype: torch.dtype, device: torch.device, batch: int,
-               total_len: int) -> None:
-    """Raises MemoryError before allocating when the weights and caches cannot fit."""
+               total_len: int, weights_allocated: bool = False) -> None:
+    """Raises MemoryError before allocating when the weights (unless already allocated) and the
+    caches of `batch` sequences of `total_len` tokens cannot fit in the free memory."""
     head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
     params = (config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
               + config.num_hidden_layers * (
@@ -99,16 +100,17 @@ def check_fits(config: MistralConfig, dtype: torch.dtype, device: torch.device, 
     itemsize = torch.empty((), dtype=dtype).element_size()
     capacity = min(total_len, config.sliding_window or total_len)
     cache = 2 * config.num_hidden_layers * batch * capacity * config.num_key_value_heads * head_dim
-    need = (params + cache) * itemsize
+    need = ((0 if weights_allocated else params) + cache) * itemsize
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
         free = _available_host_memory()
     if need > 0.95 * free:
+        what = "The caches of" if weights_allocated else "The weights and caches of"
         raise MemoryError(
-            f"bench: the model ({params / 1e9:.2f}B parameters) and its caches need "
-            f"{need / 2**30:.1f} GiB of {dtype} on {device}, but only {free / 2**30:.1f} GiB is free; "
-            "use a smaller --batch/--prompt-len or a smaller model")
+            f"{what} the model ({params / 1e9:.2f}B parameters) at batch {batch} and {total_len} "
+            f"tokens need {need / 2**30:.1f} GiB of {str(dtype).removeprefix('torch.')} on {device}, but only "
+            f"{free / 2**30:.1f} GiB is free; use a smaller --batch/--prompt-len/--new-tokens or a smaller model")
 
 
 def _available_host_memory() -> int:
@@ -125,7 +127,6 @@ def time_workload(name: str, model, device: torch.device, vocab_size: int, args,
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab_size, (1, args.prompt_len), generator=gen).to(device)
     batch_prompt = torch.randint(3, vocab_size, (args.batch, args.prompt_len), generator=gen).to(device)
-    batch_new = args.batch_new_tokens or args.new_tokens
 
     def prefill(ids):
         with torch.inference_mode():
@@ -149,8 +150,8 @@ def time_workload(name: str, model, device: torch.device, vocab_size: int, args,
     totals = [decode(prompt, args.new_tokens) for _ in range(args.repeats)]
     decode_ms = (_median(totals) - t_prefill) / args.new_tokens * 1e3
     t_batch_prefill = _median([prefill(batch_prompt) for _ in range(max(1, args.repeats - 1))])
-    t_batch = _median([decode(batch_prompt, batch_new) for _ in range(max(1, args.repeats - 1))])
-    batch_tps = args.batch * batch_new / max(t_batch - t_batch_prefill, 1e-9)
+    t_batch = _median([decode(batch_prompt, args.batch_new_tokens) for _ in range(max(1, args.repeats - 1))])
+    batch_tps = args.batch * args.batch_new_tokens / max(t_batch - t_batch_prefill, 1e-9)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return RunFigures(name, t_prefill * 1e3, decode_ms, batch_tps, peak)
 
@@ -165,15 +166,21 @@ def _greedy_fixed_length(model, **options):
 
 def build_ours(args, device: torch.device, dtype: torch.dtype):
     from .modeling import MistralForCausalLM
+    # (batch, tokens) of the batch-1 run and of the batched run
+    runs = ((1, args.prompt_len + args.new_tokens), (args.batch, args.prompt_len + args.batch_new_tokens))
     if args.model is None and device.type == "cuda":
         config = MistralConfig()   # Mistral-7B-v0.1 shapes
-        check_fits(config, dtype, device, args.batch, args.prompt_len + args.new_tokens)
+        for batch, tokens in runs:
+            check_fits(config, dtype, device, batch, tokens)
         with torch.device(device):
             torch.manual_seed(0)
             model = MistralForCausalLM(config).to(dtype)
         model.fuse_projections()
         return model.eval()
-    return MistralForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
+    model = MistralForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
+    for batch, tokens in runs:
+        check_fits(model.config, dtype, device, batch, tokens, weights_allocated=True)
+    return model
 
 
 def build_peer(ours, args, device: torch.device, dtype: torch.dtype, attn_implementation: str):
@@ -191,7 +198,17 @@ def build_peer(ours, args, device: torch.device, dtype: torch.dtype, attn_implem
     return peer.to(device=device, dtype=dtype).eval()
 
 
+def _checked(args: argparse.Namespace) -> argparse.Namespace:
+    """The arguments with the batched run's token count filled in; ValueError for counts below 1."""
+    for name in ("prompt_len", "new_tokens", "batch", "batch_new_tokens", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return argparse.Namespace(**{**vars(args), "batch_new_tokens": args.batch_new_tokens or args.new_tokens})
+
+
 def run(args) -> Dict:
+    args = _checked(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
