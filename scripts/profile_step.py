@@ -151,7 +151,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # build_ours reads these bench options: the random 7B model on CUDA, sized for the run.
-    options = argparse.Namespace(model=None, batch=1, prompt_len=args.prompt_len, new_tokens=2 + args.steps)
+    options = argparse.Namespace(model=None, batch=1, prompt_len=args.prompt_len, new_tokens=2 + args.steps,
+                                 batch_new_tokens=2 + args.steps)
     model = build_ours(options, device, dtype)
     prompt = torch.randint(3, model.config.vocab_size, (1, args.prompt_len),
                            generator=torch.Generator().manual_seed(0)).to(device)
