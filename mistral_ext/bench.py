@@ -33,9 +33,15 @@ PDL_FLAG = "MISTRAL_EXT_PDL"  # 1: decode kernels overlap the kernel before each
 class RunFigures:
     name: str
     prefill_ms: float
-    decode_ms_per_token: float
-    batch_decode_tokens_per_s: float
+    decode_ms_per_token: Optional[float]         # None: too few new tokens to time (see decode_seconds)
+    batch_decode_tokens_per_s: Optional[float]
     peak_memory_gb: Optional[float] = None
+
+
+def decode_seconds(generate_seconds: float, prefill_seconds: float) -> Optional[float]:
+    """The decode steps' share of a generate() run: its time less the prefill's, or None when the
+    machine's noise leaves nothing of it (a run of too few new tokens)."""
+    return generate_seconds - prefill_seconds if generate_seconds > prefill_seconds else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,10 +154,12 @@ def time_workload(name: str, model, device: torch.device, vocab_size: int, args,
     prefills = [prefill(prompt) for _ in range(args.repeats)]
     t_prefill = _median(prefills)
     totals = [decode(prompt, args.new_tokens) for _ in range(args.repeats)]
-    decode_ms = (_median(totals) - t_prefill) / args.new_tokens * 1e3
+    decode_time = decode_seconds(_median(totals), t_prefill)
+    decode_ms = decode_time / args.new_tokens * 1e3 if decode_time else None
     t_batch_prefill = _median([prefill(batch_prompt) for _ in range(max(1, args.repeats - 1))])
     t_batch = _median([decode(batch_prompt, args.batch_new_tokens) for _ in range(max(1, args.repeats - 1))])
-    batch_tps = args.batch * args.batch_new_tokens / max(t_batch - t_batch_prefill, 1e-9)
+    batch_decode = decode_seconds(t_batch, t_batch_prefill)
+    batch_tps = args.batch * args.batch_new_tokens / batch_decode if batch_decode else None
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return RunFigures(name, t_prefill * 1e3, decode_ms, batch_tps, peak)
 
@@ -275,16 +283,29 @@ def print_table(results: Dict, ours_runs: List[RunFigures], peer_runs: List[RunF
     header = (f"{'':22} {'prefill ms':>11} {'decode ms/tok':>14} {'tok/s b=1':>10} "
               f"{'% of floor':>10} {'tok/s batch':>12} {'peak GiB':>9}")
     print(header)
+    def cell(value: Optional[float], width: int, digits: int, suffix: str = "") -> str:
+        return f"{value:{width - len(suffix)}.{digits}f}{suffix}" if value is not None else f"{'-':>{width}}"
+
+    untimed = False
     for f in ours_runs + peer_runs:
-        peak = f"{f.peak_memory_gb:.2f}" if f.peak_memory_gb is not None else "-"
-        print(f"{f.name:22} {f.prefill_ms:11.2f} {f.decode_ms_per_token:14.3f} "
-              f"{1e3 / f.decode_ms_per_token:10.1f} {100 * floor / f.decode_ms_per_token:9.1f}% "
-              f"{f.batch_decode_tokens_per_s:12.1f} {peak:>9}")
+        ms = f.decode_ms_per_token
+        untimed |= ms is None or f.batch_decode_tokens_per_s is None
+        print(f"{f.name:22} {f.prefill_ms:11.2f} {cell(ms, 14, 3)} {cell(ms and 1e3 / ms, 10, 1)} "
+              f"{cell(ms and 100 * floor / ms, 10, 1, '%')} {cell(f.batch_decode_tokens_per_s, 12, 1)} "
+              f"{cell(f.peak_memory_gb, 9, 2)}")
+    if untimed:
+        print("-: the generate() run took no longer than its prefill alone; give more --new-tokens / "
+              "--batch-new-tokens")
+
+    def ratio(label: str, faster: Optional[float], slower: Optional[float]) -> str:
+        return f"{label} {slower / faster:.2f}x" if faster and slower else f"{label} -"
+
     for ours in ours_runs:
         for peer in peer_runs:
-            print(f"{ours.name} vs {peer.name}: decode {peer.decode_ms_per_token / ours.decode_ms_per_token:.2f}x "
-                  f"faster, prefill {peer.prefill_ms / ours.prefill_ms:.2f}x, batched decode "
-                  f"{ours.batch_decode_tokens_per_s / peer.batch_decode_tokens_per_s:.2f}x")
+            print(f"{ours.name} vs {peer.name}: "
+                  + ratio("decode", ours.decode_ms_per_token, peer.decode_ms_per_token) + " faster, "
+                  + ratio("prefill", ours.prefill_ms, peer.prefill_ms) + ", "
+                  + ratio("batched decode", peer.batch_decode_tokens_per_s, ours.batch_decode_tokens_per_s))
 
 
 def main(argv=None) -> int:
