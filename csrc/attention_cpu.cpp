@@ -9,7 +9,8 @@
 // there are fewer items than threads can share evenly (a decode step: one item per kv head),
 // each item's key span is also split into parts that run in parallel, and the parts' partial
 // (max, sum, acc) are merged afterwards, as in flash-decoding. The fp32 scratch is per thread and
-// kept across calls.
+// kept across calls. While a block of keys is scored, the next block's cached rows are prefetched
+// (NextRows): in a model's decode step they come from memory.
 //
 // The arithmetic works on tiles of kRowTile = 4 query rows, so every key and value element loaded
 // serves four rows: scores come from four-row x two-key dot products, and the weighted sum of
