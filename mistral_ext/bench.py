@@ -283,6 +283,7 @@ def print_table(results: Dict, ours_runs: List[RunFigures], peer_runs: List[RunF
     header = (f"{'':22} {'prefill ms':>11} {'decode ms/tok':>14} {'tok/s b=1':>10} "
               f"{'% of floor':>10} {'tok/s batch':>12} {'peak GiB':>9}")
     print(header)
+
     def cell(value: Optional[float], width: int, digits: int, suffix: str = "") -> str:
         return f"{value:{width - len(suffix)}.{digits}f}{suffix}" if value is not None else f"{'-':>{width}}"
 
@@ -297,15 +298,15 @@ def print_table(results: Dict, ours_runs: List[RunFigures], peer_runs: List[RunF
         print("-: the generate() run took no longer than its prefill alone; give more --new-tokens / "
               "--batch-new-tokens")
 
-    def ratio(label: str, faster: Optional[float], slower: Optional[float]) -> str:
-        return f"{label} {slower / faster:.2f}x" if faster and slower else f"{label} -"
+    def ratio(label: str, numerator: Optional[float], denominator: Optional[float]) -> str:
+        return f"{label} {numerator / denominator:.2f}x" if numerator and denominator else f"{label} -"
 
     for ours in ours_runs:
         for peer in peer_runs:
             print(f"{ours.name} vs {peer.name}: "
-                  + ratio("decode", ours.decode_ms_per_token, peer.decode_ms_per_token) + " faster, "
-                  + ratio("prefill", ours.prefill_ms, peer.prefill_ms) + ", "
-                  + ratio("batched decode", peer.batch_decode_tokens_per_s, ours.batch_decode_tokens_per_s))
+                  + ratio("decode", peer.decode_ms_per_token, ours.decode_ms_per_token) + " faster, "
+                  + ratio("prefill", peer.prefill_ms, ours.prefill_ms) + ", "
+                  + ratio("batched decode", ours.batch_decode_tokens_per_s, peer.batch_decode_tokens_per_s))
 
 
 def main(argv=None) -> int:
