@@ -10,7 +10,7 @@
 // each item's key span is also split into parts that run in parallel, and the parts' partial
 // (max, sum, acc) are merged afterwards, as in flash-decoding. The fp32 scratch is per thread and
 // kept across calls. While a block of keys is scored, the next block's cached rows are prefetched
-// (NextRows): in a model's decode step they come from memory.
+// (CachedRows): in a model's decode step they come from memory.
 //
 // The arithmetic works on tiles of kRowTile = 4 query rows, so every key and value element loaded
 // serves four rows: scores come from four-row x two-key dot products, and the weighted sum of
@@ -209,23 +209,23 @@ MISTRAL_EXT_INLINE void softmax_update(float* s, int64_t query_pos, const int64_
   *running_max = new_max;
 }
 
-// The cached K and V rows of the next key block, requested from memory a key pair at a time while
-// the current block is scored. A decode step reads cache rows that the weights streamed since
-// have evicted, and the rows of one kv head are strided (every num_kv_heads-th head_dim slice),
-// which the hardware prefetcher does not follow; asking for a whole block at once would stall
-// on the core's outstanding-miss limit instead of overlapping the arithmetic.
-struct NextRows {
-  const char* k[kKeyBlock];
-  const char* v[kKeyBlock];
+// The cached K and V rows of one key block (its keys below span.num_cached), found once: requested
+// from memory a key pair at a time while the block before it is scored, then read. A decode step
+// reads cache rows that the weights streamed since have evicted, and the rows of one kv head are
+// strided (every num_kv_heads-th head_dim slice), which the hardware prefetcher does not follow;
+// asking for a whole block at once would stall on the core's outstanding-miss limit instead of
+// overlapping the arithmetic.
+template <typename T>
+struct CachedRows {
+  KeyRow<T> rows[kKeyBlock];
   int count = 0;
-  int row_bytes = 0;
 
   // Rows j and j + 1 into the cache hierarchy (prefetcht1: measured faster here than into L1).
-  MISTRAL_EXT_INLINE void prefetch_pair(int j) const {
+  MISTRAL_EXT_INLINE void prefetch_pair(int j, int d) const {
     for (int r = j; r < std::min(j + 2, count); ++r)
-      for (int byte = 0; byte < row_bytes; byte += 64) {
-        __builtin_prefetch(k[r] + byte, 0, 2);
-        __builtin_prefetch(v[r] + byte, 0, 2);
+      for (size_t byte = 0; byte < d * sizeof(T); byte += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(rows[r].k) + byte, 0, 2);
+        __builtin_prefetch(reinterpret_cast<const char*>(rows[r].v) + byte, 0, 2);
       }
   }
 };
@@ -234,10 +234,10 @@ struct NextRows {
 // key_pos[j]; k has kKeyBlock entries, those past n any readable row). Row r: query q[r]
 // (already scaled) at position query_pos[r]; rows is a multiple of kRowTile. The first row tile's
 // scoring also prefetches the next block's rows.
-template <int L>
+template <int L, typename T>
 MISTRAL_EXT_INLINE void attend_key_block(const float* q, const int64_t* query_pos, int rows, int d,
                                          const float* const* k, const float* const* v, const int64_t* key_pos,
-                                         int n, int32_t window, const RowState& st, const NextRows& next) {
+                                         int n, int32_t window, const RowState& st, const CachedRows<T>& next) {
   float scores[kRowTile][kKeyBlock];
   // Key positions increase along the block unless it holds padding (negative positions, which
   // may follow the cached keys).
@@ -248,7 +248,7 @@ MISTRAL_EXT_INLINE void attend_key_block(const float* q, const int64_t* query_po
   for (int r0 = 0; r0 < rows; r0 += kRowTile) {
     const float* q_tile = q + static_cast<size_t>(r0) * d;
     for (int j = 0; j < n; j += 2) {
-      if (r0 == 0) next.prefetch_pair(j);
+      if (r0 == 0) next.prefetch_pair(j, d);
       score_tile<L>(q_tile, d, k[j], k[j + 1], scores, j);
     }
     for (int r = r0; r < r0 + kRowTile; ++r)
@@ -305,31 +305,29 @@ MISTRAL_EXT_INLINE void attend_part(const AttentionParams& p, const Item& it, in
     query_pos[r] = positions[it.t_begin + r / group];
   }
 
-  NextRows next;
-  next.row_bytes = d * static_cast<int>(sizeof(T));
-  auto find_cached_rows = [&](int32_t j0) {  // of the block starting at key j0
-    next.count = 0;
-    for (int32_t j = j0; j < std::min({j0 + kKeyBlock, j_end, span.num_cached}); ++j, ++next.count) {
-      const KeyRow<T> row = key_row<T>(p, span, it.b, it.kv_head, j);
-      next.k[next.count] = reinterpret_cast<const char*>(row.k);
-      next.v[next.count] = reinterpret_cast<const char*>(row.v);
-    }
+  // Cached rows of the block being read and of the next one (found and prefetched meanwhile).
+  CachedRows<T> blocks[2];
+  auto find_cached_rows = [&](CachedRows<T>& block, int32_t j0) {  // of the block starting at key j0
+    block.count = 0;
+    for (int32_t j = j0; j < std::min({j0 + kKeyBlock, j_end, span.num_cached}); ++j)
+      block.rows[block.count++] = key_row<T>(p, span, it.b, it.kv_head, j);
   };
-  find_cached_rows(j_begin);  // the first block: requested all at once, nothing to overlap yet
-  for (int j = 0; j < next.count; j += 2) next.prefetch_pair(j);
+  find_cached_rows(blocks[0], j_begin);  // the first block: requested all at once, nothing to overlap yet
+  for (int j = 0; j < blocks[0].count; j += 2) blocks[0].prefetch_pair(j, d);
 
   int64_t key_pos[kKeyBlock];
   const float* k_rows[kKeyBlock];
   const float* v_rows[kKeyBlock];
-  for (int32_t j0 = j_begin; j0 < j_end; j0 += kKeyBlock) {
+  for (int32_t j0 = j_begin, current = 0; j0 < j_end; j0 += kKeyBlock, current ^= 1) {
     const int n = std::min(kKeyBlock, j_end - j0);
+    const CachedRows<T>& cached = blocks[current];
     for (int j = 0; j < n; ++j) {
       key_pos[j] = key_position(p, span, it.b, j0 + j);
       if (key_pos[j] < 0) {  // padding: no query sees it; a finite row keeps its weight 0 exact
         k_rows[j] = v_rows[j] = zeros;
         continue;
       }
-      const KeyRow<T> row = key_row<T>(p, span, it.b, it.kv_head, j0 + j);
+      const KeyRow<T> row = j < cached.count ? cached.rows[j] : key_row<T>(p, span, it.b, it.kv_head, j0 + j);
       if constexpr (kConvert) {
         to_float_row(row.k, k_buffer + j * d, d, 1.f);
         to_float_row(row.v, v_buffer + j * d, d, 1.f);
@@ -341,7 +339,8 @@ MISTRAL_EXT_INLINE void attend_part(const AttentionParams& p, const Item& it, in
       }
     }
     if (n % 2) k_rows[n] = zeros;  // keys are scored in pairs; the spare score is never used
-    find_cached_rows(j0 + kKeyBlock);
+    CachedRows<T>& next = blocks[current ^ 1];
+    find_cached_rows(next, j0 + kKeyBlock);
     attend_key_block<L>(q, query_pos, rows, d, k_rows, v_rows, key_pos, n, p.window, st, next);
   }
 }
