@@ -1,7 +1,7 @@
 """Mistral on mistral_ext's kernels, with transformers' class names, parameter names and forward.
 
-Each decoder layer runs, on the ops of mistral_ext.ops (or mistral_ext.reference, see
-set_kernel_backend), with h the residual stream (in the model dtype):
+Each decoder layer is one op, decoder_layer of mistral_ext.ops (or of mistral_ext.reference, see
+set_kernel_backend), which chains the ops below, with h the residual stream (in the model dtype):
 
     q | k | v = rms_norm(h) @ W_qkv                     # one matmul; q, k, v are column views
     rotary_embedding_(q, k)                             # in place, on the views
@@ -14,7 +14,7 @@ set_kernel_backend), with h the residual stream (in the model dtype):
 Every matmul goes through ops.linear, which also applies the norm or the activation before the
 product and adds the residual after it: at decode our bandwidth-bound GEMV kernel does all of
 it in one launch per projection, at prefill the vendor GEMM sits between our norm / activation
-kernel and the add.
+kernel and the add. The chain runs in C++, so a step costs one Python call per layer.
 
 Positions, not a mask, say what attends to what: position_ids, or cumsum(attention_mask) - 1
 over the whole [past + new] mask (transformers' generate rule), with padding marked -1. A decode
@@ -26,7 +26,7 @@ generate() skips for the inputs it makes itself (`_trusted_input_ids=True`).
 The models are for inference: forward runs without autograd (the kernels have no backward).
 """
 import dataclasses
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,14 @@ class MistralRMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.variance_epsilon)
 
 
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    # Read for every layer and token: from the module dicts, as nn.Module's attribute lookup costs
+    # several times more host time; a weight held elsewhere (a parametrization, pruning, a wrapping
+    # module) through the attribute.
+    weight = module._parameters.get("weight")
+    return weight if weight is not None else module.weight
+
+
 class FusedProjections(nn.Module):
     """A module whose input projections (the nn.Linear children named in `fused`) run as one matmul.
 
@@ -115,11 +123,7 @@ class FusedProjections(nn.Module):
         return [getattr(self, name) for name in self.fused]
 
     def _weight(self, name: str) -> torch.Tensor:
-        # Read before every projection: from the module dicts, as nn.Module's attribute lookup costs
-        # ~5 µs of host time instead of ~1; a weight held elsewhere (a parametrization, pruning, a
-        # wrapping module) through the attribute.
-        weight = self._modules[name]._parameters.get("weight")
-        return weight if weight is not None else getattr(self, name).weight
+        return _weight_of(self._modules[name])
 
     def _addresses(self) -> Tuple[int, ...]:
         return tuple(self._weight(name).data_ptr() for name in self.fused)
@@ -148,14 +152,13 @@ class FusedProjections(nn.Module):
             self.fuse_projections()
         return self
 
-    def project(self, x: torch.Tensor, norm: MistralRMSNorm, ops) -> torch.Tensor:
-        """[..., in] -> [..., sum of the projections' out_features]: the projections of norm(x) side
-        by side, the norm applied by the linear op."""
-        normed = dict(norm_weight=norm.weight, eps=norm.variance_epsilon)
+    def projection_weights(self) -> List[torch.Tensor]:
+        """What ops.decoder_layer takes for these projections: the fused weight, or while a weight
+        replaced after fusing keeps them apart, each weight (the stale buffer is then released)."""
         if self._is_fused():
-            return ops.linear(x, self._fused_weight, **normed)
+            return [self._fused_weight]
         self._fused_weight = None
-        return torch.cat([ops.linear(x, linear.weight, **normed) for linear in self._linears()], dim=-1)
+        return [self._weight(name) for name in self.fused]
 
 
 def _consecutive_rows(weights) -> bool:
@@ -184,36 +187,7 @@ class MistralAttention(FusedProjections):
         self.k_proj = nn.Linear(hidden, kv_size, bias=False)
         self.v_proj = nn.Linear(hidden, kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, hidden, bias=False)
-        self.split_sizes = (q_size, kv_size, kv_size)
         self.fuse_projections()
-
-    def forward(self, h: torch.Tensor, norm: MistralRMSNorm, positions: torch.Tensor, cache: Optional[RollingCache],
-                ops) -> torch.Tensor:
-        """The residual stream h plus attention over norm(h)."""
-        batch, tokens, _ = h.shape
-        q, k, v = self.project(h, norm, ops).split(self.split_sizes, dim=-1)
-        q = q.view(batch, tokens, self.num_heads, self.head_dim)
-        k = k.view(batch, tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(batch, tokens, self.num_kv_heads, self.head_dim)
-        k_cache = v_cache = cache_lens = None
-        if cache is not None:
-            k_cache, v_cache = cache.key_cache[self.layer_idx], cache.value_cache[self.layer_idx]
-            cache_lens = cache.cache_lens
-        # A decode step writes its key before attention, fused with RoPE (one launch). Exact: to
-        # attention (cache_lens not yet advanced) the new token's slot p % capacity holds position
-        # p - capacity (or older), outside query p's window as capacity >= window, or absent when the
-        # capacity is smaller (it then exceeds every position). So the key overwritten was not needed
-        # and the new one is read once, from k. A longer chunk writes after attention: writing first
-        # would overwrite keys that its earlier queries still see.
-        write_first = cache is not None and tokens == 1
-        if write_first:
-            ops.rotary_embedding_cache_write_(q, k, v, k_cache, v_cache, positions, self.rope_theta)
-        else:
-            ops.rotary_embedding_(q, k, positions, self.rope_theta)
-        out = ops.attention(q, k, v, k_cache, v_cache, positions, cache_lens, self.sliding_window, self.scaling)
-        if cache is not None and not write_first:
-            ops.kv_cache_write_(k_cache, v_cache, k, v, positions)
-        return ops.linear(out.reshape(batch, tokens, -1), self.o_proj.weight, residual=h)
 
 
 class MistralMLP(FusedProjections):
@@ -226,10 +200,6 @@ class MistralMLP(FusedProjections):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.fuse_projections()
 
-    def forward(self, h: torch.Tensor, norm: MistralRMSNorm, ops) -> torch.Tensor:
-        """The residual stream h plus the MLP of norm(h)."""
-        return ops.linear(self.project(h, norm, ops), self.down_proj.weight, residual=h, silu_and_mul=True)
-
 
 class MistralDecoderLayer(nn.Module):
     def __init__(self, config: MistralConfig, layer_idx: int):
@@ -238,11 +208,22 @@ class MistralDecoderLayer(nn.Module):
         self.mlp = MistralMLP(config)
         self.input_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rms_norm_eps = config.rms_norm_eps
 
     def forward(self, h: torch.Tensor, positions, cache, ops) -> torch.Tensor:
-        """The residual stream h after the layer."""
-        h = self.self_attn(h, self.input_layernorm, positions, cache, ops)
-        return self.mlp(h, self.post_attention_layernorm, ops)
+        """The residual stream h after the layer, one op (see the module docstring). Submodules are
+        read from the module dict, as weights are (_weight_of): this runs for every layer and token."""
+        modules = self._modules
+        attn, mlp = modules["self_attn"], modules["mlp"]
+        k_cache = v_cache = cache_lens = None
+        if cache is not None:
+            k_cache, v_cache = cache.key_cache[attn.layer_idx], cache.value_cache[attn.layer_idx]
+            cache_lens = cache.cache_lens
+        return ops.decoder_layer(h, positions, k_cache, v_cache, cache_lens, _weight_of(modules["input_layernorm"]),
+                                 attn.projection_weights(), attn._weight("o_proj"),
+                                 _weight_of(modules["post_attention_layernorm"]), mlp.projection_weights(),
+                                 mlp._weight("down_proj"), attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                 self.rms_norm_eps, attn.rope_theta, attn.sliding_window, attn.scaling)
 
 
 # ------------------------------------------------------------------------------------------------

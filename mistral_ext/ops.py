@@ -6,7 +6,7 @@ are int64 [batch, tokens] with negative values for padding, and each layer's KV 
 pair of ring buffers [batch, capacity, kv_heads, head_dim] where position p lives in slot
 p % capacity.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -123,3 +123,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cache (it holds [max(0, L - C), L)). window None or <= 0: plain causal. Returns [B, T, H, D].
     """
     return _ops.attention(q, k, v, k_cache, v_cache, positions, cache_lens, window or 0, scale)
+
+
+def decoder_layer(hidden: torch.Tensor, positions: torch.Tensor, k_cache: Optional[torch.Tensor],
+                  v_cache: Optional[torch.Tensor], cache_lens: Optional[torch.Tensor],
+                  input_norm_weight: torch.Tensor, qkv_weights: List[torch.Tensor], o_weight: torch.Tensor,
+                  post_attention_norm_weight: torch.Tensor, gate_up_weights: List[torch.Tensor],
+                  down_weight: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                  rms_norm_eps: float, rope_theta: float, window: Optional[int], scale: float) -> torch.Tensor:
+    """One decoder layer: the residual stream hidden [B, T, hidden] after attention and the MLP (the
+    math of mistral_ext.modeling's docstring), the ops above run from C++ in one call. The caches
+    (as for attention) are written with the chunk's keys and values; cache_lens is not advanced.
+    qkv_weights: [W_q|W_k|W_v] as one tensor, or the three; gate_up_weights: [W_gate|W_up] or the two.
+    """
+    return _ops.decoder_layer(hidden, positions, k_cache, v_cache, cache_lens, input_norm_weight, qkv_weights,
+                              o_weight, post_attention_norm_weight, gate_up_weights, down_weight, num_heads,
+                              num_kv_heads, head_dim, rms_norm_eps, rope_theta, window or 0, scale)
+
+
+@torch.library.register_fake("mistral_ext::decoder_layer")
+def _decoder_layer_fake(hidden, positions, k_cache, v_cache, cache_lens, input_norm_weight, qkv_weights, o_weight,
+                        post_attention_norm_weight, gate_up_weights, down_weight, num_heads, num_kv_heads,
+                        head_dim, rms_norm_eps, rope_theta, window, scale):
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)

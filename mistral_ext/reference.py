@@ -4,7 +4,7 @@ Each function computes exactly what the kernel of the same name documents, in th
 direct way (fp32 math, explicit masks, duplicated K/V for GQA). Speed is not a concern here.
 The in-place ops (names ending in "_") mutate their arguments like the kernels do.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -134,3 +134,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key (padding) -> 0
     out = torch.einsum("bhts,bshd->bthd", weights, values)
     return out.to(q.dtype)
+
+
+def decoder_layer(hidden: torch.Tensor, positions: torch.Tensor, k_cache: Optional[torch.Tensor],
+                  v_cache: Optional[torch.Tensor], cache_lens: Optional[torch.Tensor],
+                  input_norm_weight: torch.Tensor, qkv_weights: List[torch.Tensor], o_weight: torch.Tensor,
+                  post_attention_norm_weight: torch.Tensor, gate_up_weights: List[torch.Tensor],
+                  down_weight: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                  rms_norm_eps: float, rope_theta: float, window: Optional[int], scale: float) -> torch.Tensor:
+    batch, tokens, _ = hidden.shape
+    qkv_weight, gate_up_weight = torch.cat(qkv_weights), torch.cat(gate_up_weights)
+    qkv = linear(hidden, qkv_weight, norm_weight=input_norm_weight, eps=rms_norm_eps)
+    q, k, v = qkv.split((num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim), dim=-1)
+    q = q.reshape(batch, tokens, num_heads, head_dim)
+    k = k.reshape(batch, tokens, num_kv_heads, head_dim)
+    v = v.reshape(batch, tokens, num_kv_heads, head_dim)
+    rotary_embedding_(q, k, positions, rope_theta)
+    attended = attention(q, k, v, k_cache, v_cache, positions, cache_lens, window, scale)
+    if k_cache is not None:
+        kv_cache_write_(k_cache, v_cache, k, v, positions)
+    h = linear(attended.reshape(batch, tokens, -1), o_weight, residual=hidden)
+    gate_up = linear(h, gate_up_weight, norm_weight=post_attention_norm_weight, eps=rms_norm_eps)
+    return linear(gate_up, down_weight, residual=h, silu_and_mul=True)

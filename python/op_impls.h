@@ -5,7 +5,11 @@
 //   static int64_t linear_max_rows(at::ScalarType);        // rows up to which our GEMV wins
 #pragma once
 
+#include <optional>
 #include <tuple>
+#include <vector>
+
+#include <ATen/record_function.h>
 
 #include "op_params.h"
 
@@ -118,6 +122,79 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   return out;
 }
 
+// Runs a step of a composite op under the name of the op it calls, for the profiler to show the
+// step as when the ops are called one by one from Python (scripts/profile_step.py counts them).
+template <typename Step>
+decltype(auto) as_op(const char* name, Step&& step) {
+  RECORD_FUNCTION(name, std::vector<c10::IValue>());
+  return step();
+}
+
+// norm(x) @ W^T for W the weights stacked by rows: one product for a single (fused) weight, else
+// one per weight with their outputs side by side.
+template <typename Backend>
+at::Tensor normed_projections(const at::Tensor& x, at::TensorList weights, const at::Tensor& norm_weight,
+                              double eps) {
+  std::vector<at::Tensor> outs;
+  for (const at::Tensor& weight : weights) {
+    outs.push_back(as_op("mistral_ext::linear",
+                         [&] { return linear<Backend>(x, weight, std::nullopt, norm_weight, eps, false); }));
+  }
+  return outs.size() == 1 ? outs[0] : at::cat(outs, -1);
+}
+
+// One Mistral decoder layer: the residual stream hidden [batch, tokens, hidden] after attention
+// and the MLP, the math of mistral_ext/modeling.py's docstring (mistral_ext/reference.py's
+// decoder_layer is the same in plain PyTorch). It is the ops above called from C++: the model
+// pays one dispatch per layer instead of a dozen Python calls (docs/RESULTS.md, "Host time per
+// decode step"). qkv_weights: [q|k|v] fused, or q, k, v; gate_up_weights likewise.
+// The caches (both or neither) are written: a single-token step writes its key first, fused with
+// RoPE. That is exact: the slot p % capacity it overwrites holds position p - capacity or older,
+// outside query p's window as capacity >= window (or never needed when the capacity is smaller:
+// it then covers every position). A longer chunk writes after attention, as its earlier queries
+// may still see the keys its later tokens overwrite.
+template <typename Backend>
+at::Tensor decoder_layer(const at::Tensor& hidden, const at::Tensor& positions,
+                         const std::optional<at::Tensor>& k_cache, const std::optional<at::Tensor>& v_cache,
+                         const std::optional<at::Tensor>& cache_lens, const at::Tensor& input_norm_weight,
+                         at::TensorList qkv_weights, const at::Tensor& o_weight,
+                         const at::Tensor& post_attention_norm_weight, at::TensorList gate_up_weights,
+                         const at::Tensor& down_weight, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                         double rms_norm_eps, double rope_theta, int64_t window, double scale) {
+  typename Backend::Guard guard(hidden);
+  check_decoder_layer_args(hidden, input_norm_weight, qkv_weights, o_weight, post_attention_norm_weight,
+                           gate_up_weights, down_weight, num_heads, num_kv_heads, head_dim);
+  TORCH_CHECK_VALUE(k_cache.has_value() == v_cache.has_value(),
+                    "k_cache and v_cache must both be given or both be None");
+  const int64_t batch = hidden.size(0), tokens = hidden.size(1);
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  const at::Tensor qkv = normed_projections<Backend>(hidden, qkv_weights, input_norm_weight, rms_norm_eps);
+  at::Tensor q = qkv.narrow(-1, 0, q_size).view({batch, tokens, num_heads, head_dim});
+  at::Tensor k = qkv.narrow(-1, q_size, kv_size).view({batch, tokens, num_kv_heads, head_dim});
+  const at::Tensor v = qkv.narrow(-1, q_size + kv_size, kv_size).view({batch, tokens, num_kv_heads, head_dim});
+  at::Tensor cache_k = k_cache.value_or(at::Tensor()), cache_v = v_cache.value_or(at::Tensor());
+  const bool write_first = k_cache.has_value() && tokens == 1;
+  if (write_first) {
+    as_op("mistral_ext::rotary_embedding_cache_write_",
+          [&] { rotary_embedding_cache_write_<Backend>(q, k, v, cache_k, cache_v, positions, rope_theta); });
+  } else {
+    as_op("mistral_ext::rotary_embedding_", [&] { rotary_embedding_<Backend>(q, k, positions, rope_theta); });
+  }
+  const at::Tensor attended = as_op("mistral_ext::attention", [&] {
+    return attention<Backend>(q, k, v, k_cache, v_cache, positions, cache_lens, window, scale);
+  });
+  if (k_cache.has_value() && !write_first) {
+    as_op("mistral_ext::kv_cache_write_", [&] { kv_cache_write_<Backend>(cache_k, cache_v, k, v, positions); });
+  }
+  const at::Tensor h = as_op("mistral_ext::linear", [&] {
+    return linear<Backend>(attended.view({batch, tokens, q_size}), o_weight, hidden, std::nullopt, rms_norm_eps, false);
+  });
+  const at::Tensor gate_up = normed_projections<Backend>(h, gate_up_weights, post_attention_norm_weight, rms_norm_eps);
+  return as_op("mistral_ext::linear", [&] {
+    return linear<Backend>(gate_up, down_weight, h, std::nullopt, rms_norm_eps, true);
+  });
+}
+
 // Registers every op's implementation for one dispatch key.
 template <typename Backend>
 void register_impls(torch::Library& m) {
@@ -129,6 +206,7 @@ void register_impls(torch::Library& m) {
   m.impl("rotary_embedding_cache_write_", &rotary_embedding_cache_write_<Backend>);
   m.impl("attention", &attention<Backend>);
   m.impl("linear", &linear<Backend>);
+  m.impl("decoder_layer", &decoder_layer<Backend>);
 }
 
 }  // namespace mistral_ext::binding

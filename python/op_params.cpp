@@ -339,4 +339,64 @@ LinearParams make_linear_params(const at::Tensor& input, const at::Tensor& weigh
   return p;
 }
 
+namespace {
+
+// One of decoder_layer's weights (named name, or name[index] for index >= 0): hidden's device and
+// dtype, shape [rows (any when < 0), cols], contiguous.
+void check_layer_weight(const at::Tensor& weight, const at::Tensor& hidden, const char* name, int64_t index,
+                        int64_t rows, int64_t cols) {
+  const bool shape_ok = weight.dim() == 2 && (rows < 0 || weight.size(0) == rows) && weight.size(1) == cols;
+  if (shape_ok && weight.device() == hidden.device() && weight.scalar_type() == hidden.scalar_type() &&
+      weight.is_contiguous())
+    return;  // the label is built only to name a failure
+  const std::string label = index < 0 ? std::string(name) : c10::str(name, "[", index, "]");
+  check_same_device(weight, hidden, label.c_str(), "hidden");
+  check_same_dtype(weight, hidden, label.c_str(), "hidden");
+  TORCH_CHECK_VALUE(shape_ok, label,
+                    " must have shape [", rows < 0 ? std::string("rows") : std::to_string(rows), ", ", cols,
+                    "], got ", weight.sizes());
+  check_contiguous(weight, label.c_str());
+}
+
+// The weights of a fused projection (one tensor, or its parts): [rows, in_features] each; returns
+// their rows in all.
+int64_t check_projection_weights(at::TensorList weights, const at::Tensor& hidden, const char* name,
+                                 int64_t in_features) {
+  TORCH_CHECK_VALUE(!weights.empty(), name, " must hold at least one weight");
+  int64_t rows = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    check_layer_weight(weights[i], hidden, name, weights.size() > 1 ? static_cast<int64_t>(i) : -1, -1,
+                       in_features);
+    rows += weights[i].size(0);
+  }
+  return rows;
+}
+
+}  // namespace
+
+void check_decoder_layer_args(const at::Tensor& hidden, const at::Tensor& input_norm_weight,
+                              at::TensorList qkv_weights, const at::Tensor& o_weight,
+                              const at::Tensor& post_attention_norm_weight, at::TensorList gate_up_weights,
+                              const at::Tensor& down_weight, int64_t num_heads, int64_t num_kv_heads,
+                              int64_t head_dim) {
+  dtype_tag(hidden, "hidden");
+  check_rank(hidden, 3, "hidden");
+  const int64_t hidden_size = hidden.size(2);
+  TORCH_CHECK_VALUE(hidden_size > 0, "hidden's last dimension (hidden size) must be > 0");
+  TORCH_CHECK_VALUE(num_heads > 0 && num_kv_heads > 0 && head_dim > 0,
+                    "num_heads, num_kv_heads and head_dim must be > 0, got ", num_heads, ", ", num_kv_heads, ", ",
+                    head_dim);
+  check_weight(input_norm_weight, hidden, hidden_size, "input_norm_weight");
+  check_weight(post_attention_norm_weight, hidden, hidden_size, "post_attention_norm_weight");
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  const int64_t qkv_rows = check_projection_weights(qkv_weights, hidden, "qkv_weights", hidden_size);
+  TORCH_CHECK_VALUE(qkv_rows == q_size + 2 * kv_size, "qkv_weights have ", qkv_rows,
+                    " rows in all, but (num_heads + 2 * num_kv_heads) * head_dim = ", q_size + 2 * kv_size);
+  check_layer_weight(o_weight, hidden, "o_weight", -1, hidden_size, q_size);
+  const int64_t gate_up_rows = check_projection_weights(gate_up_weights, hidden, "gate_up_weights", hidden_size);
+  TORCH_CHECK_VALUE(gate_up_rows % 2 == 0, "gate_up_weights have ", gate_up_rows,
+                    " rows in all: gate and up must have the same number");
+  check_layer_weight(down_weight, hidden, "down_weight", -1, hidden_size, gate_up_rows / 2);
+}
+
 }  // namespace mistral_ext::binding

@@ -1,6 +1,6 @@
 """The non-attention ops (rms_norm, fused_add_rms_norm, rotary_embedding_, silu_and_mul,
-kv_cache_write_, rotary_embedding_cache_write_, linear): kernels against mistral_ext.reference (and
-the fused op against the two kernels it fuses), reference against independent math
+kv_cache_write_, rotary_embedding_cache_write_, linear) and decoder_layer, which chains them all:
+kernels against mistral_ext.reference (and the fused op against the two kernels it fuses), reference against independent math
 (torch.nn.functional, complex rotation, transformers' RoPE, hand-computed cache slots), schema
 and fake-impl checks (opcheck, torch.compile), and bad input raising errors that name the argument.
 """
@@ -817,3 +817,113 @@ def test_linear_mixed_devices_name_the_argument(rows):
         ops.linear(x, w, norm_weight=rand(16))
     with pytest.raises(BAD, match="residual"):
         ops.linear(x, w, residual=rand(rows, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# decoder_layer: the ops chained in C++, against the reference's chain of its own ops (which the
+# model tests check against transformers' decoder layer)
+
+# (batch, tokens, heads, kv_heads, hidden, inter, capacity (0: no cache), cache_lens, window)
+LAYER_CASES = [
+    (2, 9, 4, 2, 97, 131, 0, None, 5),             # prefill, no cache, a window inside the chunk
+    (3, 1, 4, 1, 97, 131, 8, [5, 19, 0], 6),       # decode: RoPE + write first; row 1 has wrapped
+    (2, 7, 6, 2, 64, 70, 16, [3, 30], 12),         # a chunk after a cache: written after attention,
+                                                   # its first queries see keys its last tokens replace
+    (1, 17, 2, 2, 33, 40, 0, None, 0),             # 17 rows: torch's GEMM for the projections on CPU
+]
+
+
+def layer_inputs(case, dtype, device, split_weights):
+    batch, tokens, heads, kv_heads, hidden, inter, capacity, cache_lens, window = case
+    head_dim = 64
+    qkv = rand((heads + 2 * kv_heads) * head_dim, hidden, dtype=dtype, device=device) / hidden ** 0.5
+    gate_up = rand(2 * inter, hidden, dtype=dtype, device=device) / hidden ** 0.5
+    qkv_weights = list(qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])) \
+        if split_weights else [qkv]
+    gate_up_weights = list(gate_up.chunk(2)) if split_weights else [gate_up]
+    if capacity:
+        lens = torch.tensor(cache_lens, dtype=torch.int32, device=device)
+        positions = lens.long()[:, None] + torch.arange(tokens, device=device)
+        caches = [rand(batch, capacity, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2)]
+    else:
+        lens, caches = None, [None, None]
+        positions = left_padded_positions(batch, tokens, [-3, 0], device)
+    args = [rand(batch, tokens, hidden, dtype=dtype, device=device), positions, *caches, lens,
+            rand(hidden, dtype=dtype, device=device), [w.contiguous() for w in qkv_weights],
+            rand(hidden, heads * head_dim, dtype=dtype, device=device) / (heads * head_dim) ** 0.5,
+            rand(hidden, dtype=dtype, device=device), [w.contiguous() for w in gate_up_weights],
+            rand(hidden, inter, dtype=dtype, device=device) / inter ** 0.5,
+            heads, kv_heads, head_dim, 1e-5, 10000.0, window, head_dim ** -0.5]
+    return args
+
+
+def cloned(args):
+    return [[t.clone() for t in a] if isinstance(a, list) else a.clone() if isinstance(a, torch.Tensor) else a
+            for a in args]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", LAYER_CASES, ids=["prefill", "decode", "chunk_after_cache", "gemm_rows"])
+def test_decoder_layer(device, dtype, case):
+    args = layer_inputs(case, dtype, device, split_weights=False)
+    want_args = cloned(args)
+    out = ops.decoder_layer(*args)
+    want = reference.decoder_layer(*want_args)
+    assert out.shape == want.shape and out.is_contiguous()
+    assert_relative_error(out, want, 3 * FUSED_REL_ERROR[dtype])
+    if args[2] is not None:  # the caches hold the chunk's rotated keys and its values
+        for got, expected in ((args[2], want_args[2]), (args[3], want_args[3])):
+            assert_relative_error(got, expected, FUSED_REL_ERROR[dtype])
+    assert torch.equal(args[0], want_args[0])  # hidden is not written
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", LAYER_CASES, ids=["prefill", "decode", "chunk_after_cache", "gemm_rows"])
+def test_decoder_layer_split_weights_equal_fused(device, case):
+    """q, k, v (gate, up) as separate weights, as after a weight is replaced in a fused model:
+    each output column is the same dot product as with the one fused weight."""
+    fused = layer_inputs(case, torch.float32, device, split_weights=False)
+    split = cloned(fused)
+    split[6] = list(split[6][0].split([case[2] * 64, case[3] * 64, case[3] * 64]))
+    split[9] = list(split[9][0].chunk(2))
+    torch.testing.assert_close(ops.decoder_layer(*split), ops.decoder_layer(*fused), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoder_layer_opcheck(device):
+    args = layer_inputs(LAYER_CASES[1], torch.float32, device, split_weights=True)
+    torch.library.opcheck(torch.ops.mistral_ext.decoder_layer.default, tuple(args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoder_layer_bad_input(device):
+    args = layer_inputs(LAYER_CASES[1], torch.float32, device, split_weights=True)
+    qkv_weights, gate_up_weights = args[6], args[9]
+
+    def with_(index, value):
+        return [value if i == index else a for i, a in enumerate(args)]
+
+    for bad, name in [
+        (with_(0, args[0][0]), "hidden must have 3 dimensions"),
+        (with_(0, args[0].double()), "hidden must be float32"),
+        (with_(5, args[5][:-1]), "input_norm_weight must have shape"),
+        (with_(8, args[8].half()), "post_attention_norm_weight has dtype"),
+        (with_(6, []), "qkv_weights must hold at least one weight"),
+        (with_(6, qkv_weights[:2]), "qkv_weights have 320 rows in all, but .* = 384"),
+        (with_(6, [qkv_weights[0], qkv_weights[1][:, :-1].contiguous(), qkv_weights[2]]),
+         r"qkv_weights\[1\] must have shape \[rows, 97\]"),
+        (with_(6, [qkv_weights[0], qkv_weights[1].bfloat16(), qkv_weights[2]]), r"qkv_weights\[1\] has dtype"),
+        (with_(7, args[7].t()), "o_weight must have shape"),
+        (with_(7, args[7][:, :255]), "o_weight must have shape"),
+        (with_(9, [gate_up_weights[0], gate_up_weights[1][:-1]]), "gate and up must have the same number"),
+        (with_(10, args[10][:, :-1].contiguous()), "down_weight must have shape"),
+        (with_(10, torch.cat([args[10], args[10]], 1)[:, :131]), "down_weight must be contiguous"),
+        (with_(11, 3), "qkv_weights have"),
+        (with_(13, 0), "head_dim must be > 0"),
+        (with_(3, None), "k_cache and v_cache must both be given"),
+        (with_(1, args[1].int()), "positions must be int64"),
+        (with_(4, args[4][:2]), "cache_lens must have shape"),
+    ]:
+        with pytest.raises(BAD, match=name):
+            ops.decoder_layer(*bad)
