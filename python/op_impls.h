@@ -167,6 +167,7 @@ at::Tensor decoder_layer(const at::Tensor& hidden, const at::Tensor& positions,
   TORCH_CHECK_VALUE(k_cache.has_value() == v_cache.has_value(),
                     "k_cache and v_cache must both be given or both be None");
   const int64_t batch = hidden.size(0), tokens = hidden.size(1);
+  if (batch == 0 || tokens == 0) return hidden.clone(at::MemoryFormat::Contiguous);  // nothing to attend or write
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   const at::Tensor qkv = normed_projections<Backend>(hidden, qkv_weights, input_norm_weight, rms_norm_eps);
   at::Tensor q = qkv.narrow(-1, 0, q_size).view({batch, tokens, num_heads, head_dim});

@@ -891,6 +891,17 @@ def test_decoder_layer_split_weights_equal_fused(device, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [LAYER_CASES[0], LAYER_CASES[1]], ids=["no_cache", "cache"])
+def test_decoder_layer_without_tokens(device, case):
+    args = layer_inputs((case[0], 0, *case[2:]), torch.float32, device, split_weights=False)
+    caches = [None if c is None else c.clone() for c in args[2:4]]
+    out = ops.decoder_layer(*args)
+    assert out.shape == args[0].shape
+    for cache, before in zip(args[2:4], caches):
+        assert cache is None or torch.equal(cache, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decoder_layer_opcheck(device):
     args = layer_inputs(LAYER_CASES[1], torch.float32, device, split_weights=True)
     torch.library.opcheck(torch.ops.mistral_ext.decoder_layer.default, tuple(args))
