@@ -133,9 +133,15 @@ def decoder_layer(hidden: torch.Tensor, positions: torch.Tensor, k_cache: Option
                   rms_norm_eps: float, rope_theta: float, window: Optional[int], scale: float) -> torch.Tensor:
     """One decoder layer: the residual stream hidden [B, T, hidden] after attention and the MLP (the
     math of mistral_ext.modeling's docstring), the ops above run from C++ in one call. The caches
-    (as for attention) are written with the chunk's keys and values; cache_lens is not advanced.
+    (as for attention, or None) are written with the chunk's keys and values; cache_lens is not
+    advanced. A single token writes its key before attention, which is exact when the capacity is
+    at least the window or never wraps (as RollingCache sizes it).
     qkv_weights: [W_q|W_k|W_v] as one tensor, or the three; gate_up_weights: [W_gate|W_up] or the two.
     """
+    if (k_cache is None) != (v_cache is None):
+        raise ValueError("k_cache and v_cache must both be given or both be None")
+    if k_cache is None:  # the op takes "no cache" as caches of capacity 0
+        k_cache, v_cache = (hidden.new_empty(hidden.shape[0], 0, num_kv_heads, head_dim) for _ in range(2))
     return _ops.decoder_layer(hidden, positions, k_cache, v_cache, cache_lens, input_norm_weight, qkv_weights,
                               o_weight, post_attention_norm_weight, gate_up_weights, down_weight, num_heads,
                               num_kv_heads, head_dim, rms_norm_eps, rope_theta, window or 0, scale)

@@ -151,7 +151,7 @@ def decoder_layer(hidden: torch.Tensor, positions: torch.Tensor, k_cache: Option
     v = v.reshape(batch, tokens, num_kv_heads, head_dim)
     rotary_embedding_(q, k, positions, rope_theta)
     attended = attention(q, k, v, k_cache, v_cache, positions, cache_lens, window, scale)
-    if k_cache is not None:
+    if k_cache is not None and k_cache.shape[1] > 0:
         kv_cache_write_(k_cache, v_cache, k, v, positions)
     h = linear(attended.reshape(batch, tokens, -1), o_weight, residual=hidden)
     gate_up = linear(h, gate_up_weight, norm_weight=post_attention_norm_weight, eps=rms_norm_eps)

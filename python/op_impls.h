@@ -147,25 +147,25 @@ at::Tensor normed_projections(const at::Tensor& x, at::TensorList weights, const
 // and the MLP, the math of mistral_ext/modeling.py's docstring (mistral_ext/reference.py's
 // decoder_layer is the same in plain PyTorch). It is the ops above called from C++: the model
 // pays one dispatch per layer instead of a dozen Python calls (docs/RESULTS.md, "Host time per
-// decode step"). qkv_weights: [q|k|v] fused, or q, k, v; gate_up_weights likewise.
-// The caches (both or neither) are written: a single-token step writes its key first, fused with
-// RoPE. That is exact: the slot p % capacity it overwrites holds position p - capacity or older,
-// outside query p's window as capacity >= window (or never needed when the capacity is smaller:
-// it then covers every position). A longer chunk writes after attention, as its earlier queries
-// may still see the keys its later tokens overwrite.
+// decode step"). qkv_weights: [q|k|v] fused, or q, k, v; gate_up_weights likewise. No cache is
+// one of capacity 0, [batch, 0, kv_heads, head_dim]: torch.compile's Inductor fails on a mutable
+// argument that may be None.
+// The caches are written: a single-token step writes its key first, fused with RoPE. That is
+// exact: the slot p % capacity it overwrites holds position p - capacity or older, outside query
+// p's window as capacity >= window (or never needed when the capacity is smaller: it then covers
+// every position). A longer chunk writes after attention, as its earlier queries may still see
+// the keys its later tokens overwrite.
 template <typename Backend>
-at::Tensor decoder_layer(const at::Tensor& hidden, const at::Tensor& positions,
-                         const std::optional<at::Tensor>& k_cache, const std::optional<at::Tensor>& v_cache,
-                         const std::optional<at::Tensor>& cache_lens, const at::Tensor& input_norm_weight,
+at::Tensor decoder_layer(const at::Tensor& hidden, const at::Tensor& positions, at::Tensor& k_cache,
+                         at::Tensor& v_cache, const std::optional<at::Tensor>& cache_lens,
+                         const at::Tensor& input_norm_weight,
                          at::TensorList qkv_weights, const at::Tensor& o_weight,
                          const at::Tensor& post_attention_norm_weight, at::TensorList gate_up_weights,
                          const at::Tensor& down_weight, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                          double rms_norm_eps, double rope_theta, int64_t window, double scale) {
   typename Backend::Guard guard(hidden);
-  check_decoder_layer_args(hidden, input_norm_weight, qkv_weights, o_weight, post_attention_norm_weight,
-                           gate_up_weights, down_weight, num_heads, num_kv_heads, head_dim);
-  TORCH_CHECK_VALUE(k_cache.has_value() == v_cache.has_value(),
-                    "k_cache and v_cache must both be given or both be None");
+  check_decoder_layer_args(hidden, k_cache, cache_lens, input_norm_weight, qkv_weights, o_weight,
+                           post_attention_norm_weight, gate_up_weights, down_weight, num_heads, num_kv_heads, head_dim);
   const int64_t batch = hidden.size(0), tokens = hidden.size(1);
   if (batch == 0 || tokens == 0) return hidden.clone(at::MemoryFormat::Contiguous);  // nothing to attend or write
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
@@ -173,19 +173,19 @@ at::Tensor decoder_layer(const at::Tensor& hidden, const at::Tensor& positions,
   at::Tensor q = qkv.narrow(-1, 0, q_size).view({batch, tokens, num_heads, head_dim});
   at::Tensor k = qkv.narrow(-1, q_size, kv_size).view({batch, tokens, num_kv_heads, head_dim});
   const at::Tensor v = qkv.narrow(-1, q_size + kv_size, kv_size).view({batch, tokens, num_kv_heads, head_dim});
-  at::Tensor cache_k = k_cache.value_or(at::Tensor()), cache_v = v_cache.value_or(at::Tensor());
-  const bool write_first = k_cache.has_value() && tokens == 1;
+  const bool cached = k_cache.size(1) > 0;
+  const bool write_first = cached && tokens == 1;
   if (write_first) {
     as_op("mistral_ext::rotary_embedding_cache_write_",
-          [&] { rotary_embedding_cache_write_<Backend>(q, k, v, cache_k, cache_v, positions, rope_theta); });
+          [&] { rotary_embedding_cache_write_<Backend>(q, k, v, k_cache, v_cache, positions, rope_theta); });
   } else {
     as_op("mistral_ext::rotary_embedding_", [&] { rotary_embedding_<Backend>(q, k, positions, rope_theta); });
   }
   const at::Tensor attended = as_op("mistral_ext::attention", [&] {
     return attention<Backend>(q, k, v, k_cache, v_cache, positions, cache_lens, window, scale);
   });
-  if (k_cache.has_value() && !write_first) {
-    as_op("mistral_ext::kv_cache_write_", [&] { kv_cache_write_<Backend>(cache_k, cache_v, k, v, positions); });
+  if (cached && !write_first) {
+    as_op("mistral_ext::kv_cache_write_", [&] { kv_cache_write_<Backend>(k_cache, v_cache, k, v, positions); });
   }
   const at::Tensor h = as_op("mistral_ext::linear", [&] {
     return linear<Backend>(attended.view({batch, tokens, q_size}), o_weight, hidden, std::nullopt, rms_norm_eps, false);

@@ -17,11 +17,12 @@ int64_t row_stride_of(const at::Tensor& t) {
 }
 
 // A norm's weight [hidden] for input [..., hidden] (RMSNorm, the linear op's RMSNorm prologue).
-void check_weight(const at::Tensor& weight, const at::Tensor& input, int64_t hidden, const char* name = "weight") {
-  check_same_device(weight, input, name, "input");
-  check_same_dtype(weight, input, name, "input");
+void check_weight(const at::Tensor& weight, const at::Tensor& input, int64_t hidden, const char* name = "weight",
+                  const char* input_name = "input") {
+  check_same_device(weight, input, name, input_name);
+  check_same_dtype(weight, input, name, input_name);
   TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == hidden, name, " must have shape [", hidden,
-                    "] to match the in_features of input, got ", weight.sizes());
+                    "] to match the last dimension of ", input_name, ", got ", weight.sizes());
   check_contiguous(weight, name);
 }
 
@@ -374,7 +375,8 @@ int64_t check_projection_weights(at::TensorList weights, const at::Tensor& hidde
 
 }  // namespace
 
-void check_decoder_layer_args(const at::Tensor& hidden, const at::Tensor& input_norm_weight,
+void check_decoder_layer_args(const at::Tensor& hidden, const at::Tensor& k_cache,
+                              const std::optional<at::Tensor>& cache_lens, const at::Tensor& input_norm_weight,
                               at::TensorList qkv_weights, const at::Tensor& o_weight,
                               const at::Tensor& post_attention_norm_weight, at::TensorList gate_up_weights,
                               const at::Tensor& down_weight, int64_t num_heads, int64_t num_kv_heads,
@@ -386,8 +388,8 @@ void check_decoder_layer_args(const at::Tensor& hidden, const at::Tensor& input_
   TORCH_CHECK_VALUE(num_heads > 0 && num_kv_heads > 0 && head_dim > 0,
                     "num_heads, num_kv_heads and head_dim must be > 0, got ", num_heads, ", ", num_kv_heads, ", ",
                     head_dim);
-  check_weight(input_norm_weight, hidden, hidden_size, "input_norm_weight");
-  check_weight(post_attention_norm_weight, hidden, hidden_size, "post_attention_norm_weight");
+  check_weight(input_norm_weight, hidden, hidden_size, "input_norm_weight", "hidden");
+  check_weight(post_attention_norm_weight, hidden, hidden_size, "post_attention_norm_weight", "hidden");
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   const int64_t qkv_rows = check_projection_weights(qkv_weights, hidden, "qkv_weights", hidden_size);
   TORCH_CHECK_VALUE(qkv_rows == q_size + 2 * kv_size, "qkv_weights have ", qkv_rows,
@@ -397,6 +399,21 @@ void check_decoder_layer_args(const at::Tensor& hidden, const at::Tensor& input_
   TORCH_CHECK_VALUE(gate_up_rows % 2 == 0, "gate_up_weights have ", gate_up_rows,
                     " rows in all: gate and up must have the same number");
   check_layer_weight(down_weight, hidden, "down_weight", -1, hidden_size, gate_up_rows / 2);
+  // The checks of attention that a decode step would otherwise meet after it has written the cache.
+  TORCH_CHECK_VALUE(num_heads % num_kv_heads == 0, "num_heads (", num_heads, ") must be a multiple of num_kv_heads (",
+                    num_kv_heads, ")");
+  if (hidden.is_cuda()) {
+    TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 96 || head_dim == 128,
+                      "head_dim must be 64, 96 or 128 on CUDA, got ", head_dim);
+  }
+  if (k_cache.size(1) > 0) {
+    TORCH_CHECK_VALUE(cache_lens.has_value(), "cache_lens is required with a cache");
+    TORCH_CHECK_TYPE(cache_lens->scalar_type() == at::kInt, "cache_lens must be int32, got ",
+                     cache_lens->scalar_type());
+    check_same_device(*cache_lens, hidden, "cache_lens", "hidden");
+    TORCH_CHECK_VALUE(cache_lens->dim() == 1 && cache_lens->size(0) == hidden.size(0),
+                      "cache_lens must have shape [", hidden.size(0), "], got ", cache_lens->sizes());
+  }
 }
 
 }  // namespace mistral_ext::binding

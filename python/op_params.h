@@ -104,8 +104,11 @@ LinearParams make_linear_params(const at::Tensor& input, const at::Tensor& weigh
 // decoder_layer's hidden [batch, tokens, hidden] (float) and weights, named on failure: the norms'
 // [hidden]; q|k|v [(num_heads + 2 num_kv_heads) * head_dim, hidden] in all, o [hidden, num_heads *
 // head_dim], gate|up [2 inter, hidden] in all, down [hidden, inter]; all on hidden's device and dtype,
-// contiguous. (The steps' own checks cover positions and the caches.)
-void check_decoder_layer_args(const at::Tensor& hidden, const at::Tensor& input_norm_weight,
+// contiguous. Also cache_lens (given a cache of capacity > 0) and the head counts: the checks that
+// attention would make only after a decode step has written the cache. (The steps' own checks
+// cover the rest: positions, the caches' shapes.)
+void check_decoder_layer_args(const at::Tensor& hidden, const at::Tensor& k_cache,
+                              const std::optional<at::Tensor>& cache_lens, const at::Tensor& input_norm_weight,
                               at::TensorList qkv_weights, const at::Tensor& o_weight,
                               const at::Tensor& post_attention_norm_weight, at::TensorList gate_up_weights,
                               const at::Tensor& down_weight, int64_t num_heads, int64_t num_kv_heads,

@@ -40,7 +40,7 @@ TORCH_LIBRARY(mistral_ext, m) {
         "Tensor? cache_lens, int window, float scale) -> Tensor");
   m.def("linear(Tensor input, Tensor weight, Tensor? residual=None, Tensor? norm_weight=None, float eps=1e-6, "
         "bool silu_and_mul=False) -> Tensor");
-  m.def("decoder_layer(Tensor hidden, Tensor positions, Tensor(a!)? k_cache, Tensor(b!)? v_cache, "
+  m.def("decoder_layer(Tensor hidden, Tensor positions, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor? cache_lens, Tensor input_norm_weight, Tensor[] qkv_weights, Tensor o_weight, "
         "Tensor post_attention_norm_weight, Tensor[] gate_up_weights, Tensor down_weight, int num_heads, "
         "int num_kv_heads, int head_dim, float rms_norm_eps, float rope_theta, int window, float scale) -> Tensor");

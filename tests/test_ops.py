@@ -1,8 +1,9 @@
 """The non-attention ops (rms_norm, fused_add_rms_norm, rotary_embedding_, silu_and_mul,
-kv_cache_write_, rotary_embedding_cache_write_, linear) and decoder_layer, which chains them all:
-kernels against mistral_ext.reference (and the fused op against the two kernels it fuses), reference against independent math
-(torch.nn.functional, complex rotation, transformers' RoPE, hand-computed cache slots), schema
-and fake-impl checks (opcheck, torch.compile), and bad input raising errors that name the argument.
+kv_cache_write_, rotary_embedding_cache_write_, linear) and decoder_layer, which chains them:
+kernels against mistral_ext.reference (and the fused op against the two kernels it fuses),
+reference against independent math (torch.nn.functional, complex rotation, transformers' RoPE,
+hand-computed cache slots), schema and fake-impl checks (opcheck, torch.compile), and bad input
+raising errors that name the argument.
 """
 import pytest
 import torch
@@ -148,6 +149,17 @@ def test_silu_and_mul(device, dtype, inter):
     out = ops.silu_and_mul(x)
     assert out.shape == (2, 3, inter) and out.dtype == dtype
     torch.testing.assert_close(out, reference.silu_and_mul(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_extreme_gates(device, dtype):
+    """Gates where exp(-gate) underflows, overflows or is not finite (the CPU's exp is a clamped
+    polynomial): the values of the formula, NaN where it gives NaN (gate -inf: -inf / inf)."""
+    gate = torch.tensor([-100.0, -88.6, -87.5, -30.0, -1e-30, 0.0, 1e-30, 30.0, 87.5, 88.6, 100.0,
+                         float("inf"), float("-inf"), float("nan")], device=device)
+    x = torch.cat([gate, rand(len(gate), device=device)])[None].to(dtype)
+    torch.testing.assert_close(ops.silu_and_mul(x), reference.silu_and_mul(x), equal_nan=True, **TOL[dtype])
 
 
 KV_CASES = [  # batch, tokens, kv_heads, head_dim, capacity, row starts
@@ -902,9 +914,17 @@ def test_decoder_layer_without_tokens(device, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_decoder_layer_opcheck(device):
-    args = layer_inputs(LAYER_CASES[1], torch.float32, device, split_weights=True)
+@pytest.mark.parametrize("case", LAYER_CASES, ids=["prefill", "decode", "chunk_after_cache", "gemm_rows"])
+def test_decoder_layer_opcheck_and_compile(device, case):
+    args = layer_inputs(case, torch.float32, device, split_weights=True)
+    if args[2] is None:  # the op's own form of "no cache"
+        args[2:4] = [args[0].new_empty(case[0], 0, case[3], 64) for _ in range(2)]
     torch.library.opcheck(torch.ops.mistral_ext.decoder_layer.default, tuple(args))
+    compiled_args = cloned(args)
+    compiled = torch.compile(ops.decoder_layer, fullgraph=True)(*compiled_args)
+    torch.testing.assert_close(compiled, ops.decoder_layer(*args))
+    for got, want in zip(compiled_args[2:4], args[2:4]):  # the caches written in place
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -931,10 +951,17 @@ def test_decoder_layer_bad_input(device):
         (with_(10, args[10][:, :-1].contiguous()), "down_weight must have shape"),
         (with_(10, torch.cat([args[10], args[10]], 1)[:, :131]), "down_weight must be contiguous"),
         (with_(11, 3), "qkv_weights have"),
+        (with_(12, 3), "qkv_weights have"),
         (with_(13, 0), "head_dim must be > 0"),
         (with_(3, None), "k_cache and v_cache must both be given"),
         (with_(1, args[1].int()), "positions must be int64"),
         (with_(4, args[4][:2]), "cache_lens must have shape"),
+        (with_(4, args[4].long()), "cache_lens must be int32"),
+        (with_(4, None), "cache_lens is required"),
+        (layer_inputs((1, 1, 4, 3, 97, 131, 8, [5], 6), torch.float32, device, False),
+         r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
     ]:
+        caches = [args[2].clone(), args[3].clone()]
         with pytest.raises(BAD, match=name):
             ops.decoder_layer(*bad)
+        assert torch.equal(args[2], caches[0]) and torch.equal(args[3], caches[1])  # checked before written
