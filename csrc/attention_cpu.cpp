@@ -30,6 +30,7 @@
 
 #include "attention_common.h"
 #include "common.h"
+#include "cpu_vector.h"
 
 namespace mistral_ext {
 namespace {
@@ -73,40 +74,6 @@ RowState state_at(float* base, int rows, int d) {
 template <typename T>
 MISTRAL_EXT_INLINE void to_float_row(const T* src, float* dst, int n, float factor) {
   for (int i = 0; i < n; ++i) dst[i] = to_float(src[i]) * factor;
-}
-
-// L floats (or int32s) in one vector register: L = 4 for the baseline ISA (SSE2, NEON), 8 for
-// AVX2. aligned(4): loads and stores through them need not be aligned. The hot loops are written
-// with vector types rather than left to the auto-vectoriser, which keeps the register tiles
-// below in memory.
-template <int L>
-struct Vec {
-  typedef float F __attribute__((vector_size(4 * L), aligned(4)));
-  typedef int32_t I __attribute__((vector_size(4 * L), aligned(4)));
-};
-// Vectors only pass between always-inlined functions: no ABI is involved.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-// e^x for x <= 0 (scores minus their running max) to a few ulp: a polynomial on vectors, as the
-// softmax spends more time here than anywhere but the dot products. Below -87 it stays at
-// e^-87 ~ 1e-38, which no sum can tell from 0.
-template <int L, typename VF = typename Vec<L>::F>
-MISTRAL_EXT_INLINE VF exp_nonpositive(VF x) {
-  x = x > -87.f ? x : VF{} - 87.f;
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const VF n = (x * 1.44269504f + kRound) - kRound;
-  const VF r = x - n * 0.693145751953125f - n * 1.428606765330187e-6f;  // x - n ln 2, in two parts
-  VF poly = VF{} + 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  poly = poly * r * r + r + 1.f;
-  const auto two_n_bits = (__builtin_convertvector(n, typename Vec<L>::I) + 127) << 23;
-  VF two_n;
-  std::memcpy(&two_n, &two_n_bits, sizeof(two_n));
-  return poly * two_n;
 }
 
 template <int L, typename VF = typename Vec<L>::F>
@@ -196,13 +163,13 @@ MISTRAL_EXT_INLINE void softmax_update(float* s, int64_t query_pos, const int64_
   }
   const float new_max = std::max(*running_max, block_max);
   // ~0 (e^-87) for the row's first visible block, whose acc and sum are still 0.
-  const float rescale = exp_nonpositive<L>(VF{} + (*running_max - new_max))[0];
+  const float rescale = exp_vector<L>(VF{} + (*running_max - new_max))[0];
   if (rescale != 1.f)
     for (int i = 0; i < d; ++i) acc_r[i] *= rescale;
   VF sum{};
   for (int j = 0; j < n_vec; j += L) {
     VF& s_j = *reinterpret_cast<VF*>(s + j);
-    s_j = s_j == kNegInf ? VF{} : exp_nonpositive<L>(s_j - new_max);
+    s_j = s_j == kNegInf ? VF{} : exp_vector<L>(s_j - new_max);
     sum += s_j;
   }
   *running_sum = *running_sum * rescale + horizontal_sum<L>(sum);
