@@ -21,7 +21,9 @@ namespace mistral_ext {
 
 // The fp32 arithmetic of RMSNorm and SiLU-and-mul, one definition for every kernel that applies
 // them (the ops themselves and the linear kernels' prologues), so that all give the same values.
-// rms_norm(x)[i] = x[i] * inverse_rms(sum of x^2, n, eps) * weight[i], left to right.
+// rms_norm(x)[i] = x[i] * inverse_rms(sum of x^2, n, eps) * weight[i], left to right. silu_times
+// is the CUDA kernels'; the CPU's works on vectors with a polynomial exp (activation_cpu.cpp), and
+// the CPU linear's prologue calls that op.
 MISTRAL_EXT_HOST_DEVICE inline float inverse_rms(float sum_squares, int64_t n, float eps) {
   return 1.f / sqrtf(sum_squares / static_cast<float>(n) + eps);
 }

@@ -208,22 +208,22 @@ class MistralDecoderLayer(nn.Module):
         self.mlp = MistralMLP(config)
         self.input_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rms_norm_eps = config.rms_norm_eps
 
     def forward(self, h: torch.Tensor, positions, cache, ops) -> torch.Tensor:
         """The residual stream h after the layer, one op (see the module docstring). Submodules are
         read from the module dict, as weights are (_weight_of): this runs for every layer and token."""
         modules = self._modules
-        attn, mlp = modules["self_attn"], modules["mlp"]
+        attn, mlp, input_norm = modules["self_attn"], modules["mlp"], modules["input_layernorm"]
         k_cache = v_cache = cache_lens = None
         if cache is not None:
             k_cache, v_cache = cache.key_cache[attn.layer_idx], cache.value_cache[attn.layer_idx]
             cache_lens = cache.cache_lens
-        return ops.decoder_layer(h, positions, k_cache, v_cache, cache_lens, _weight_of(modules["input_layernorm"]),
+        # Both norms take config.rms_norm_eps; the op takes one eps.
+        return ops.decoder_layer(h, positions, k_cache, v_cache, cache_lens, _weight_of(input_norm),
                                  attn.projection_weights(), attn._weight("o_proj"),
                                  _weight_of(modules["post_attention_layernorm"]), mlp.projection_weights(),
                                  mlp._weight("down_proj"), attn.num_heads, attn.num_kv_heads, attn.head_dim,
-                                 self.rms_norm_eps, attn.rope_theta, attn.sliding_window, attn.scaling)
+                                 input_norm.variance_epsilon, attn.rope_theta, attn.sliding_window, attn.scaling)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -167,6 +167,30 @@ void check_fits_int32(int64_t n, const char* what) {
   TORCH_CHECK_VALUE(n <= std::numeric_limits<int32_t>::max(), what, " must fit in int32, got ", n);
 }
 
+// The head counts and head size the attention kernels take.
+void check_attention_heads(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, bool cuda) {
+  TORCH_CHECK_VALUE(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_heads (", num_heads,
+                    ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+  if (cuda) {
+    TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 96 || head_dim == 128,
+                      "head_dim must be 64, 96 or 128 on CUDA, got ", head_dim);
+  } else {
+    TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= 256, "head_dim must be in [1, 256], got ", head_dim);
+  }
+}
+
+// cache_lens: required with a cache of capacity > 0; when given, int32 [batch] on ref's device.
+void check_cache_lens(const std::optional<at::Tensor>& cache_lens, int64_t capacity, const at::Tensor& ref,
+                      const char* ref_name) {
+  TORCH_CHECK_VALUE(capacity == 0 || cache_lens.has_value(), "cache_lens is required with a cache");
+  if (!cache_lens.has_value()) return;
+  TORCH_CHECK_TYPE(cache_lens->scalar_type() == at::kInt, "cache_lens must be int32, got ", cache_lens->scalar_type());
+  check_same_device(*cache_lens, ref, "cache_lens", ref_name);
+  TORCH_CHECK_VALUE(cache_lens->dim() == 1 && cache_lens->size(0) == ref.size(0), "cache_lens must have shape [",
+                    ref.size(0), "], got ", cache_lens->sizes());
+  check_contiguous(*cache_lens, "cache_lens");
+}
+
 // CPU tensors only (reading device memory would synchronise): each row's valid positions
 // increase after its padding, and its cached positions precede them.
 void check_positions_against_cache(const at::Tensor& positions, const int32_t* cache_lens) {
@@ -209,14 +233,7 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
   }
   TORCH_CHECK_VALUE(v.size(2) == k.size(2), "v has ", v.size(2), " kv heads but k has ", k.size(2));
   const int64_t num_heads = q.size(2), num_kv_heads = k.size(2), head_dim = q.size(3);
-  TORCH_CHECK_VALUE(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "q's num_heads (", num_heads,
-                    ") must be a multiple of k's num_kv_heads (", num_kv_heads, ")");
-  if (q.is_cuda()) {
-    TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 96 || head_dim == 128,
-                      "head_dim must be 64, 96 or 128 on CUDA, got ", head_dim);
-  } else {
-    TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= 256, "head_dim must be in [1, 256], got ", head_dim);
-  }
+  check_attention_heads(num_heads, num_kv_heads, head_dim, q.is_cuda());
   check_positions(positions, q, q.sizes().slice(0, 2), "q");
   check_fits_int32(q.size(0), "batch");
   check_fits_int32(q.size(1), "tokens");
@@ -240,16 +257,8 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
                       " must equal k_cache shape ", k_cache->sizes());
     capacity = k_cache->size(1);
     check_fits_int32(capacity, "k_cache's capacity");
-    TORCH_CHECK_VALUE(capacity == 0 || cache_lens.has_value(), "cache_lens is required with a cache");
   }
-  if (cache_lens.has_value()) {
-    TORCH_CHECK_TYPE(cache_lens->scalar_type() == at::kInt, "cache_lens must be int32, got ",
-                     cache_lens->scalar_type());
-    check_same_device(*cache_lens, q, "cache_lens", "q");
-    TORCH_CHECK_VALUE(cache_lens->dim() == 1 && cache_lens->size(0) == q.size(0), "cache_lens must have shape [",
-                      q.size(0), "], got ", cache_lens->sizes());
-    check_contiguous(*cache_lens, "cache_lens");
-  }
+  check_cache_lens(cache_lens, capacity, q, "q");
   const bool cached = capacity > 0;
   if (positions.is_cpu()) check_positions_against_cache(positions, cached ? cache_lens->data_ptr<int32_t>() : nullptr);
 
@@ -400,20 +409,8 @@ void check_decoder_layer_args(const at::Tensor& hidden, const at::Tensor& k_cach
                     " rows in all: gate and up must have the same number");
   check_layer_weight(down_weight, hidden, "down_weight", -1, hidden_size, gate_up_rows / 2);
   // The checks of attention that a decode step would otherwise meet after it has written the cache.
-  TORCH_CHECK_VALUE(num_heads % num_kv_heads == 0, "num_heads (", num_heads, ") must be a multiple of num_kv_heads (",
-                    num_kv_heads, ")");
-  if (hidden.is_cuda()) {
-    TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 96 || head_dim == 128,
-                      "head_dim must be 64, 96 or 128 on CUDA, got ", head_dim);
-  }
-  if (k_cache.size(1) > 0) {
-    TORCH_CHECK_VALUE(cache_lens.has_value(), "cache_lens is required with a cache");
-    TORCH_CHECK_TYPE(cache_lens->scalar_type() == at::kInt, "cache_lens must be int32, got ",
-                     cache_lens->scalar_type());
-    check_same_device(*cache_lens, hidden, "cache_lens", "hidden");
-    TORCH_CHECK_VALUE(cache_lens->dim() == 1 && cache_lens->size(0) == hidden.size(0),
-                      "cache_lens must have shape [", hidden.size(0), "], got ", cache_lens->sizes());
-  }
+  check_attention_heads(num_heads, num_kv_heads, head_dim, hidden.is_cuda());
+  check_cache_lens(cache_lens, k_cache.size(1), hidden, "hidden");
 }
 
 }  // namespace mistral_ext::binding
